@@ -1,0 +1,219 @@
+"""The model contract: thin wrappers over timm's registry, weight loading/saving and clear errors."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+# Our family modules (timm records a model's module as the last component of its builder's module).
+FAMILY_MODULES: tuple[str, ...] = ()
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+class CheckpointMismatchError(RuntimeError):
+    pass
+
+
+def _close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
+    base = name.split(".")[0]
+    close = difflib.get_close_matches(base, candidates, n=n, cutoff=0.5)
+    if not close:
+        close = [c for c in candidates if base.split("_")[0] in c][:n]
+    return close
+
+
+def check_model_name(name: str) -> None:
+    """Raise a clear error naming close matches when ``name`` is not a registered model."""
+    if name.startswith(("local-dir:", "hf-hub:", "hf_hub:")):
+        return
+    if timm.is_model(name.split(".")[0]):
+        return
+    close = _close_matches(name, timm.list_models())
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownModelError(f"Unknown model '{name}'.{hint} `visionzoo list models` shows every name.")
+
+
+def list_models(pattern: str = "*", include_timm: bool = False, pretrained: bool = False) -> list[str]:
+    """Our registered models (or every timm model with ``include_timm``), timm ``fnmatch`` patterns."""
+    if include_timm:
+        return timm.list_models(pattern, pretrained=pretrained)
+    names: list[str] = []
+    for module in FAMILY_MODULES:
+        names += timm.list_models(pattern, module=module, pretrained=pretrained)
+    return sorted(set(names))
+
+
+def create_model(
+    model_name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model`` with clear errors, and weights from a local file or HF-layout folder.
+
+    ``checkpoint_path`` may be a ``.safetensors`` / ``.pth`` file (ours or an official checkpoint; the family's
+    ``checkpoint_filter_fn`` converts it) or a folder holding ``config.json`` + ``model.safetensors``.
+    """
+    check_model_name(model_name)
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path)
+        if not path.exists():
+            raise FileNotFoundError(f"Checkpoint not found: {path}. Pass a .safetensors/.pth file or an HF-layout folder.")
+    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    if checkpoint_path is not None:
+        load_weights(model, checkpoint_path)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading and converting state dicts
+
+def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Read weights from a safetensors file, a torch checkpoint (``weights_only``) or an HF-layout folder.
+
+    Wrappers used by training scripts are unwrapped: ``state_dict`` / ``state_dict_ema`` / ``model`` / ``module``
+    entries and a leading ``module.`` on every key.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.safetensors", path / "pytorch_model.bin", path / "open_clip_pytorch_model.bin"]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise FileNotFoundError(f"No model.safetensors (or pytorch_model.bin) in folder {path}.")
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle of arbitrary objects, truncated file, ...
+            raise CheckpointMismatchError(
+                f"Could not read {path} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
+                "Convert it to safetensors or re-save its state_dict."
+            ) from None
+    keys = ("state_dict_ema", "model_ema", "state_dict", "model", "module") if use_ema else (
+        "state_dict", "model", "module", "state_dict_ema")
+    if isinstance(sd, dict):
+        for k in keys:
+            if k in sd and isinstance(sd[k], dict):
+                sd = sd[k]
+                break
+    if not isinstance(sd, dict):
+        raise CheckpointMismatchError(f"{path} does not hold a state dict (found {type(sd).__name__}).")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def family_filter_fn(model: nn.Module) -> Callable | None:
+    """The ``checkpoint_filter_fn`` of the module that defines ``type(model)`` (timm convention), if any."""
+    module = importlib.import_module(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or []
+    if isinstance(names, str):
+        names = [names]
+    return [f"{n}.{s}" for n in names for s in ("weight", "bias")]
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    use_ema: bool = False,
+    strict: bool = True,
+    filter_fn: Callable | None = None,
+) -> nn.Module:
+    """Load weights into ``model``; official checkpoints are converted by the family's ``checkpoint_filter_fn``.
+
+    A classifier whose size differs from the model's (other ``num_classes``) is dropped with a warning, as timm
+    does. Anything else that does not fit raises a ``CheckpointMismatchError`` that counts and names the keys.
+    """
+    sd = read_state_dict(path, use_ema=use_ema)
+    filter_fn = filter_fn or family_filter_fn(model)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    own = model.state_dict()
+    for key in _classifier_keys(model):
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            _logger.warning("dropping %s from %s: shape %s, model has %s (other num_classes)",
+                            key, path, tuple(sd[key].shape), tuple(own[key].shape))
+            sd.pop(key)
+            strict = False
+    shape_bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if shape_bad or (strict and (missing or unexpected)):
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if shape_bad:
+            parts.append("shape mismatches: " + ", ".join(
+                f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shape_bad[:3]))
+        raise CheckpointMismatchError(
+            f"Checkpoint {path} does not fit model '{arch}': " + "; ".join(parts)
+            + ". Is it a checkpoint of another architecture or size? Pick the matching model name.")
+    model.load_state_dict(sd, strict=strict)
+    return model
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, model_args: dict | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (HF / timm ``local-dir:`` layout), atomically per file."""
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    tmp_cfg = directory / "config.json.tmp"
+    save_config_for_hf(unwrap_model(model), str(tmp_cfg), model_args=model_args)
+    os.replace(tmp_cfg, directory / "config.json")
+    return directory
+
+
+def load_pretrained(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Rebuild a model saved by :func:`save_pretrained` (architecture and args from its ``config.json``)."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{directory} has no config.json: not a folder written by save_pretrained.")
+    cfg = json.loads(cfg_path.read_text())
+    args = {**cfg.get("model_args", {}), "num_classes": cfg.get("num_classes"), **kwargs}
+    model = create_model(cfg["architecture"], **{k: v for k, v in args.items() if v is not None})
+    load_weights(model, directory)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

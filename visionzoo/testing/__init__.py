@@ -1,0 +1,1 @@
+"""Test support shipped with the package: the data-driven parity runner against the official code."""
