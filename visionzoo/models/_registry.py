@@ -178,8 +178,18 @@ def load_weights(
     return model
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, model_args: dict | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (HF / timm ``local-dir:`` layout), atomically per file."""
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    model_args: dict | None = None,
+    data_config: dict | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (HF / timm ``local-dir:`` layout), atomically per file.
+
+    ``data_config`` (input_size, crop_pct, mean, std, interpolation) records the preprocessing the weights were
+    trained with, so ``validate`` and ``timm.data.resolve_data_config`` use it later.
+    """
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
@@ -187,25 +197,21 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, model_args: 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
     tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_file(tensors, str(tmp), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
     os.replace(tmp, directory / "model.safetensors")
     tmp_cfg = directory / "config.json.tmp"
-    save_config_for_hf(unwrap_model(model), str(tmp_cfg), model_args=model_args)
+    save_config_for_hf(unwrap_model(model), str(tmp_cfg), model_args=model_args, data_config=data_config)
     os.replace(tmp_cfg, directory / "config.json")
     return directory
 
 
 def load_pretrained(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """Rebuild a model saved by :func:`save_pretrained` (architecture and args from its ``config.json``)."""
+    """Rebuild a model saved by :func:`save_pretrained`: architecture, args and preprocessing from its config.json
+    (the same as ``timm.create_model('local-dir:<directory>', pretrained=True)``)."""
     directory = Path(directory)
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
+    if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} has no config.json: not a folder written by save_pretrained.")
-    cfg = json.loads(cfg_path.read_text())
-    args = {**cfg.get("model_args", {}), "num_classes": cfg.get("num_classes"), **kwargs}
-    model = create_model(cfg["architecture"], **{k: v for k, v in args.items() if v is not None})
-    load_weights(model, directory)
-    return model
+    return timm.create_model(f"local-dir:{directory}", pretrained=True, **kwargs)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

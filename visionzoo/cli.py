@@ -1,0 +1,249 @@
+"""The `visionzoo` command. Parsers are built without importing torch, so `--help` answers at once."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` flag per config field (timm's train.py names where they mean the same)."""
+    hints = typing.get_type_hints(cls)
+    short = {"batch_size": ["-b"], "experiment": ["--exp"]}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = str(hints[f.name])
+        kw: dict = {"dest": f"cfg_{f.name}", "default": None}
+        if "bool" in hint:
+            kw.update(nargs="?", const=True, type=_bool, metavar="BOOL")
+        elif "dict" in hint or "list" in hint:
+            kw.update(type=str, metavar="YAML")
+        elif "float" in hint:
+            kw.update(type=float)
+        elif "int" in hint:
+            kw.update(type=int)
+        else:
+            kw.update(type=str)
+        kw.setdefault("metavar", f.name.upper())
+        default = f.default if f.default is not dataclasses.MISSING else "{}"
+        kw["help"] = f"(default: {default})"
+        parser.add_argument(*short.get(f.name, []), flag, **kw)
+
+
+def _config_overrides(args, cls) -> dict:
+    import yaml
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f"cfg_{f.name}", None)
+        if v is None:
+            continue
+        if isinstance(v, str) and ("dict" in str(f.type) or "list" in str(f.type)):
+            v = yaml.safe_load(v)
+        out[f.name] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# commands
+
+def cmd_train(args) -> int:
+    from .engine.config import TrainConfig, apply_overrides, load_config
+
+    overrides = _config_overrides(args, TrainConfig)
+    if args.data is not None:
+        overrides.setdefault("data_dir", args.data)
+        overrides.setdefault("dataset", "auto")
+    overrides = apply_overrides(overrides, args.set or [])
+    cfg = load_config(args.recipe, overrides)
+    from .engine.train import train
+
+    summary = train(cfg, resume=args.resume, device=args.device)
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .engine.config import load_config
+
+    overrides = {"output": args.output}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.model is not None:
+        overrides["model"] = args.model
+    cfg = load_config("demo/digits", overrides)
+    from .engine.train import train
+
+    print(f"visionzoo demo: training {cfg.model} on the embedded scikit-learn digits ({cfg.epochs} epochs, CPU ok)")
+    summary = train(cfg, device=args.device)
+    top1 = summary.get("val_top1", float("nan"))
+    print(f"\nval top-1: {top1:.2f}%  (best {summary['best_top1']:.2f}%)")
+    print(f"run directory: {summary['run_dir']}  (last/ and best/ weights, metrics.csv, curves.png, config.yaml)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .engine.evaluate import validate
+
+    validate(args.model, data=args.dataset, data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint,
+             batch_size=args.batch_size, workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,
+             amp=args.amp, use_ema=args.use_ema, device=args.device, results_file=args.results_file)
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.what == "recipes":
+        from .engine.config import list_recipes
+
+        names = list_recipes()
+    else:
+        from . import models
+
+        names = models.list_models(args.pattern or "*", include_timm=args.all)
+    print("\n".join(n for n in names if not args.pattern or args.what == "models" or args.pattern in n))
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
+def cmd_to_lmdb(args) -> int:
+    from .data.lmdb import convert_to_lmdb
+
+    n = convert_to_lmdb(args.src, args.dst, label_file=args.label_file)
+    print(f"wrote {n} records to {args.dst}")
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    import importlib
+
+    module = {"clusters": "clusters", "groups": "groups", "attention": "attention"}[args.kind]
+    return importlib.import_module(f".viz.{module}", __package__).run(args) or 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine.config import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="visionzoo", description="CoC, GPViT, GCR, GA and UDI on current PyTorch: train, evaluate, benchmark.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train a small model on the embedded digits (CPU, a few minutes)")
+    p.add_argument("--output", default="runs", help="parent folder of the run directory")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--model", default=None, help="another model than the demo recipe's")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="supervised training from a recipe and/or flags",
+                       description="Train a model. Values come from --recipe, then flags, then --set key=value.")
+    p.add_argument("data", nargs="?", default=None, help="dataset root with train/ and val/ (folders or LMDB)")
+    p.add_argument("--recipe", "-r", default=None, help="shipped recipe name (visionzoo list recipes) or a YAML path")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. model_kwargs.foo=1")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    _add_config_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="top-1/top-5/loss of a model, weights file or run directory")
+    p.add_argument("model", help="model name, HF-layout folder or run directory")
+    p.add_argument("--checkpoint", default=None, help="weights file (ours or official) for a model name")
+    p.add_argument("--dataset", default="digits", help="digits | folder | lmdb | auto")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="val")
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--crop-pct", type=float, default=None)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--use-ema", action="store_true", help="for a run directory: evaluate the EMA weights")
+    p.add_argument("--device", default=None)
+    p.add_argument("--results-file", default=None)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("list", help="list models or recipes")
+    p.add_argument("what", choices=["models", "recipes"])
+    p.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern, e.g. 'coc*'")
+    p.add_argument("--all", action="store_true", help="with models: every timm model too")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("benchmark", help="inference/train throughput, parameters and GMACs (timm's method)")
+    from . import bench
+
+    bench.add_arguments(p)
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
+    q = dsub.add_parser("to-lmdb", help="convert an image folder (nested classes, or flat + label file) to LMDB")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--label-file", default=None, help="for a flat folder: lines 'filename label'")
+    q.set_defaults(func=cmd_to_lmdb)
+
+    p = sub.add_parser("visualize", help="cluster maps (CoC), group maps (GPViT), attention maps (ViT)")
+    vsub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True)
+    common.add_argument("--checkpoint", default=None)
+    common.add_argument("--image", default="sample", help="image file, or 'sample' for a scikit-learn sample image")
+    common.add_argument("--out", default=None, help="output PNG")
+    common.add_argument("--img-size", type=int, default=None)
+    q = vsub.add_parser("clusters", parents=[common], help="CoC: hard cluster assignment of one block and head")
+    q.add_argument("--stage", type=int, default=0)
+    q.add_argument("--block", type=int, default=0)
+    q.add_argument("--head", type=int, default=0)
+    q.set_defaults(func=cmd_visualize)
+    q = vsub.add_parser("groups", parents=[common], help="GPViT: group assignment and group attention of a GP block")
+    q.add_argument("--layer", type=int, default=None)
+    q.add_argument("--groups", type=int, nargs="*", default=None, help="group indices whose attention to draw")
+    q.set_defaults(func=cmd_visualize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-caused errors end in one clear line, not a traceback
+        if _is_user_error(e) and "VISIONZOO_DEBUG" not in __import__("os").environ:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    names = {"UnknownModelError", "CheckpointMismatchError", "RecipeError", "NonFiniteLossError"}
+    return type(e).__name__ in names or isinstance(e, (FileNotFoundError, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

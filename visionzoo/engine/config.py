@@ -1,0 +1,192 @@
+"""Recipes are data: one YAML per recipe, loaded into a dataclass, overridable as ``key=value`` from the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class TrainConfig:
+    """Supervised training recipe. Field names follow timm's train.py flags where they mean the same."""
+
+    # model
+    model: str = "resnet18"
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+    initial_checkpoint: str | None = None  # weights (ours or official) loaded before training
+    # data
+    dataset: str = "digits"  # digits | folder | lmdb | auto
+    data_dir: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int | None = None  # None: taken from the dataset
+    img_size: int | None = None  # None: the model's default input size
+    # schedule
+    epochs: int = 10
+    batch_size: int = 64  # per process
+    grad_accum_steps: int = 1
+    world_size: int = 1  # processes the recipe was written for (documentation, lr scaling)
+    # optimizer
+    opt: str = "adamw"
+    opt_kwargs: dict = field(default_factory=dict)
+    lr: float | None = None  # absolute; when None: lr_base * global_batch / lr_base_size
+    lr_base: float = 1e-3
+    lr_base_size: int = 1024
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    opt_eps: float | None = None
+    opt_betas: list | None = None
+    layer_decay: float | None = None
+    sched: str = "cosine"  # cosine | step | none  (updated every optimizer step)
+    warmup_epochs: float = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    decay_epochs: float = 30  # for step
+    decay_rate: float = 0.1
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    # loss and augmentation
+    loss: str = "ce"  # ce | bce | a family loss name (ga)
+    loss_kwargs: dict = field(default_factory=dict)
+    smoothing: float = 0.0
+    bce_target_thresh: float | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    aa: str | None = None
+    reprob: float = 0.0
+    remode: str = "pixel"
+    color_jitter: float | None = None
+    scale: list | None = None  # RandomResizedCrop scale range; None: timm default (0.08, 1)
+    train_interpolation: str = "bicubic"
+    drop_path: float | None = None
+    drop: float | None = None
+    # EMA / precision / speed
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    channels_last: bool = False
+    torchcompile: str | None = None
+    workers: int = 2
+    # run control
+    seed: int = 0
+    output: str = "runs"
+    experiment: str | None = None
+    log_interval: int = 20
+    checkpoint_every_steps: int | None = None  # also save training state every N steps (mid-epoch resume)
+    max_steps: int | None = None  # stop after this many optimizer steps (for tests / smoke runs)
+    eval_every: int = 1
+    notes: str = ""
+
+    def global_batch(self, world_size: int | None = None) -> int:
+        return self.batch_size * self.grad_accum_steps * (world_size or 1)
+
+    def resolved_lr(self, world_size: int) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return float(self.lr_base) * self.global_batch(world_size) / float(self.lr_base_size)
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def list_recipes() -> list[str]:
+    """Names like ``coc/coc_tiny`` of every shipped recipe."""
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe by shipped name (``coc/coc_tiny`` or just ``coc_tiny``) or by path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise RecipeError(f"Recipe file not found: {path}")
+        return path
+    names = list_recipes()
+    exact = [n for n in names if n == name or n.split("/")[-1] == name]
+    if len(exact) == 1:
+        return RECIPES_DIR / f"{exact[0]}.yaml"
+    if len(exact) > 1:
+        raise RecipeError(f"Recipe name '{name}' is ambiguous: {', '.join(exact)}. Give the family prefix.")
+    close = difflib.get_close_matches(name, names + [n.split("/")[-1] for n in names], n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise RecipeError(f"Unknown recipe '{name}'.{hint} `visionzoo list recipes` shows every name.")
+
+
+def _coerce(value: str) -> Any:
+    """Parse a CLI override value with YAML rules (numbers, bools, null, lists, dicts)."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict | None, cls=TrainConfig) -> dict:
+    data = dict(data)
+    if not overrides:
+        return data
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    valid = {f.name for f in dataclasses.fields(cls)}
+    for key, value in items:
+        key = key.replace("-", "_")
+        top, _, sub = key.partition(".")
+        if top not in valid:
+            close = difflib.get_close_matches(top, sorted(valid), n=3)
+            raise RecipeError(f"Unknown config key '{top}'." + (f" Did you mean: {', '.join(close)}?" if close else ""))
+        value = _coerce(value) if isinstance(value, str) else value
+        if sub:  # dict field, e.g. model_kwargs.foo=1
+            inner = dict(data.get(top) or {})
+            inner[sub] = value
+            data[top] = inner
+        else:
+            data[top] = value
+    return data
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise RecipeError(f"Override '{item}' must look like key=value (e.g. epochs=5 or model_kwargs.drop_rate=0.1).")
+    k, v = item.split("=", 1)
+    return k.strip().lstrip("-"), v
+
+
+def config_from_dict(data: dict, cls=TrainConfig):
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        hints = {u: difflib.get_close_matches(u, sorted(valid), n=1) for u in unknown}
+        detail = ", ".join(f"{u}" + (f" (did you mean {h[0]}?)" if h else "") for u, h in hints.items())
+        raise RecipeError(f"Unknown config keys: {detail}")
+    return cls(**data)
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | dict | None = None, cls=TrainConfig):
+    data: dict = {}
+    if recipe:
+        path = find_recipe(recipe)
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"Recipe {path} must be a YAML mapping of key: value.")
+        data.update(loaded)
+    data = apply_overrides(data, overrides, cls)
+    return config_from_dict(data, cls)
+
+
+def save_config(cfg, path: str | os.PathLike, extra: dict | None = None) -> None:
+    data = dataclasses.asdict(cfg)
+    if extra:
+        data["resolved"] = extra
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,114 @@
+"""Run outputs: a metrics CSV (always), TensorBoard (when installed) and a loss/accuracy curve PNG."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+_logger = logging.getLogger("visionzoo")
+
+
+def setup_logging(is_main: bool = True) -> logging.Logger:
+    if not _logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        _logger.addHandler(handler)
+        _logger.propagate = False
+    _logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    return _logger
+
+
+class MetricsWriter:
+    """Append one row per epoch to ``metrics.csv``; mirror scalars to TensorBoard if it is installed."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except Exception:  # tensorboard not installed: the CSV is enough
+                self.tb = None
+
+    def write(self, row: dict, step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        rows = read_metrics(self.path) if self.path.exists() else []
+        # a resumed run rewrites rows from the epoch it resumes at
+        key = "epoch"
+        rows = [r for r in rows if key not in row or str(r.get(key)) != str(row[key])] + [
+            {k: _fmt(v) for k, v in row.items()}]
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(k, v, step if step is not None else row.get("epoch", 0))
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path | None:
+    """Loss curves (train/val) and accuracy curves (val top-1/top-5 or k-NN) against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_csv)
+    if not rows:
+        return None
+
+    def series(name):
+        pts = [(float(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "", "nan")]
+        return [p for p in pts if math.isfinite(p[1])]
+
+    loss_keys = [k for k in rows[0] if k.endswith("loss")]
+    acc_keys = [k for k in rows[-1] if any(s in k for s in ("top1", "top5", "knn", "acc"))]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for k in loss_keys:
+        pts = series(k)
+        if pts:
+            axes[0].plot(*zip(*pts), marker="o", label=k)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    for k in acc_keys:
+        pts = series(k)
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=k)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("accuracy (%)")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
