@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("VISIONZOO_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("VISIONZOO_FIXTURES", REPO.parent / "shared" / "fixtures"))

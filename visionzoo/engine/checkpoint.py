@@ -53,7 +53,7 @@ def load_train_state(run_dir: str | os.PathLike) -> dict:
 
 
 def _numpy_rng_globals() -> list:
-    out = [np.ndarray, np.dtype, np.core.multiarray._reconstruct] if hasattr(np, "core") else []
+    out = []
     try:
         from numpy._core.multiarray import _reconstruct  # numpy >= 2
 

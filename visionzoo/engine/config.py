@@ -69,6 +69,8 @@ class TrainConfig:
     color_jitter: float | None = None
     scale: list | None = None  # RandomResizedCrop scale range; None: timm default (0.08, 1)
     train_interpolation: str = "bicubic"
+    hflip: float = 0.5  # 0 for digits: they are not mirror-symmetric
+    crop_pct: float | None = None  # eval center-crop fraction; None: the model's pretrained cfg
     drop_path: float | None = None
     drop: float | None = None
     # EMA / precision / speed

@@ -231,15 +231,19 @@ def train(
     # data first: a missing folder fails before any model is built
     probe = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, transform=None)
     num_classes = cfg.num_classes or len(probe.classes)
+    seed_everything(_mix_seed(cfg.seed, 11))  # model initialisation
     model = build_model(cfg, num_classes)
     img_size = cfg.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     check_input_size(model, img_size)
-    data_cfg = build_eval_transform(model=model, img_size=img_size, return_config=True)
+    from timm.data import resolve_data_config
+
+    data_cfg = resolve_data_config(model=model)
+    data_cfg["crop_pct"] = cfg.crop_pct if cfg.crop_pct is not None else data_cfg["crop_pct"]
     train_tf = build_train_transform(img_size, aa=cfg.aa, reprob=cfg.reprob, remode=cfg.remode,
                                      color_jitter=cfg.color_jitter, interpolation=cfg.train_interpolation,
                                      mean=data_cfg["mean"], std=data_cfg["std"],
-                                     scale=tuple(cfg.scale) if cfg.scale else None, hflip=cfg_hflip(cfg))
-    eval_tf = build_eval_transform(model=model, img_size=img_size)
+                                     scale=tuple(cfg.scale) if cfg.scale else (0.08, 1.0), hflip=cfg.hflip)
+    eval_tf = build_eval_transform(model=model, img_size=img_size, crop_pct=data_cfg["crop_pct"])
     train_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, transform=train_tf)
     val_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, transform=eval_tf)
 
@@ -456,11 +460,6 @@ def train(
     barrier()
     cleanup()
     return summary
-
-
-def cfg_hflip(cfg: TrainConfig) -> float:
-    # digits are not mirror-symmetric; natural images are
-    return 0.0 if cfg.dataset == "digits" else 0.5
 
 
 def _progress_bar(info: DistInfo, total: int, desc: str):

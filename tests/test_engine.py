@@ -1,0 +1,165 @@
+"""The training engine end to end on CPU: train, stop mid-epoch, resume exactly, validate, NaN stop, DDP."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from visionzoo.engine import train as train_mod
+from visionzoo.engine.config import RecipeError, TrainConfig, load_config
+from visionzoo.engine.train import NonFiniteLossError, ResumableSampler, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(model="test_resnet", dataset="digits", img_size=32, epochs=2, batch_size=64, opt="adamw", lr=2e-3,
+                weight_decay=0.05, sched="cosine", warmup_epochs=0.5, mixup=0.2, cutmix=0.0, smoothing=0.1,
+                drop_path=0.05, hflip=0.0, crop_pct=1.0, workers=0, seed=3, output=str(tmp_path), log_interval=5,
+                model_ema=True, model_ema_decay=0.9)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run_dir, sub="last"):
+    return load_file(str(Path(run_dir) / sub / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+def test_sampler_resumes_part_way():
+    full = list(ResumableSampler(20, True, seed=1))
+    s = ResumableSampler(20, True, seed=1)
+    s.set_epoch(0, start=7)
+    assert list(s) == full[7:]
+    ranks = [list(ResumableSampler(21, True, 1, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 10 and not set(ranks[0]) & set(ranks[1])
+
+
+def test_train_stop_mid_epoch_resume_is_exact_and_validate(tmp_path):
+    # uninterrupted: 2 epochs of 22 steps (1437 // 64)
+    ref = train(tiny_cfg(tmp_path, experiment="ref"))
+    run_ref = Path(ref["run_dir"])
+    for f in ("metrics.csv", "curves.png", "config.yaml", "train_state.pt", "last/model.safetensors",
+              "last/config.json", "best/model.safetensors", "ema/model.safetensors"):
+        assert (run_ref / f).exists(), f
+    assert ref["global_step"] == 44 and ref["epochs_done"] == 2
+    # stopped in the middle of epoch 1 (step 30), then resumed (with data-loader workers this time)
+    part = train(tiny_cfg(tmp_path, experiment="part", max_steps=30))
+    assert part["global_step"] == 30
+    resumed = train(tiny_cfg(tmp_path, workers=2), resume=part["run_dir"])
+    assert resumed["global_step"] == 44
+    assert_same_weights(weights(run_ref), weights(part["run_dir"]))
+    assert_same_weights(weights(run_ref, "ema"), weights(part["run_dir"], "ema"))
+    assert abs(resumed["val_top1"] - ref["val_top1"]) < 1e-6
+
+    from visionzoo.engine.evaluate import validate
+
+    res = validate(str(run_ref), data="digits", workers=0)
+    assert abs(res["top1"] - round(ref["val_top1"], 3)) < 1e-3
+    assert res["count"] == 360
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_build_loss = train_mod.build_loss
+    calls = {"n": 0}
+
+    def poisoned(cfg, mixup_active):
+        inner = real_build_loss(cfg, mixup_active)
+
+        def loss_fn(output, target):
+            calls["n"] += 1
+            loss = inner(output, target)
+            return loss * float("nan") if calls["n"] > 12 else loss
+
+        return loss_fn
+
+    monkeypatch.setattr(train_mod, "build_loss", lambda cfg, m: _Wrap(poisoned(cfg, m)))
+    cfg = tiny_cfg(tmp_path, experiment="nan", epochs=1, checkpoint_every_steps=5, log_interval=100, model_ema=False)
+    with pytest.raises(NonFiniteLossError, match="NaN/inf"):
+        train(cfg)
+    run = tmp_path / "nan"
+    state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=False)
+    assert state["progress"]["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in weights(run).values() if v.is_floating_point())
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, output, target):
+        return self.fn(output, target)
+
+
+def test_missing_data_folder_is_a_clear_error_before_the_model(tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(train_mod, "build_model", no_model)
+    cfg = tiny_cfg(tmp_path, dataset="folder", data_dir=str(tmp_path / "no_such_dir"))
+    with pytest.raises((FileNotFoundError, ValueError), match="no_such_dir"):
+        train(cfg)
+
+
+def test_unknown_recipe_and_key_suggest_close_matches():
+    with pytest.raises(RecipeError, match="demo/digits"):
+        load_config("demo/digit")
+    with pytest.raises(RecipeError, match="batch_size"):
+        load_config("demo/digits", ["batch_sise=3"])
+    cfg = load_config("demo/digits", ["epochs=3", "model_kwargs.drop_rate=0.1"])
+    assert cfg.epochs == 3 and cfg.model_kwargs == {"drop_rate": 0.1}
+
+
+def test_input_size_the_model_cannot_take(tmp_path):
+    cfg = tiny_cfg(tmp_path, model="vit_tiny_patch16_224", img_size=40)
+    with pytest.raises(ValueError, match="40x40"):
+        train(cfg)
+
+
+
+
+def test_ddp_two_processes_identical_weights(tmp_path):
+    dump = tmp_path / "dump_weights.py"
+    dump.write_text(
+        "import sys, os, torch\n"
+        "import visionzoo.engine.train as T\n"
+        "from visionzoo.engine.config import TrainConfig\n"
+        "from visionzoo.models import unwrap_model\n"
+        "real_cleanup = T.cleanup\n"
+        "import torch.nn.parallel as P\n"
+        "models = []\n"
+        "real_ddp = P.DistributedDataParallel\n"
+        "class Spy(real_ddp):\n"
+        "    def __init__(self, module, *a, **k):\n"
+        "        super().__init__(module, *a, **k); models.append(module)\n"
+        "T.nn.parallel.DistributedDataParallel = Spy\n"
+        "def cleanup():\n"
+        "    rank = int(os.environ['RANK'])\n"
+        "    torch.save({k: v.detach().clone() for k, v in models[0].named_parameters()},\n"
+        "               os.path.join(sys.argv[1], f'rank{rank}.pt'))\n"
+        "    real_cleanup()\n"
+        "T.cleanup = cleanup\n"
+        "cfg = TrainConfig(model='test_resnet', dataset='digits', img_size=32, epochs=1, batch_size=16, lr=1e-3,\n"
+        "                  workers=0, seed=0, output=sys.argv[1], experiment='ddp', max_steps=6, mixup=0.2,\n"
+        "                  hflip=0.0, drop_path=0.1, grad_accum_steps=2)\n"
+        "T.train(cfg, device='cpu')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(dump), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], atol=0, rtol=0)
+    assert (tmp_path / "ddp" / "last" / "model.safetensors").exists()
