@@ -1,1 +1,677 @@
-"""Placeholder: this family is being written (see its issue)."""
+"""GPViT: Group Propagation Vision Transformer (Yang et al., ICLR 2023).
+
+A plain (non-hierarchical) ViT that keeps stride-8 tokens in all 12 layers. A conv stem reduces the image by 8,
+a learnable absolute position embedding is added, then 8 local blocks (CSWin-style cross-shaped stripe attention
+of width 2 with LePE) and 4 Group Propagation (GP) blocks at layers 1/4/7/10 run at that one resolution. A GP block
+gathers the image tokens into M learnable group tokens (light cross-attention), mixes the groups with an MLP-Mixer
+layer and lets the image tokens read them back (full cross-attention), then a depthwise conv + BN + ReLU.
+Classifiers pool with a one-query attention neck (L1/L2) or global average pooling (L3/L4).
+
+Fidelity notes (spec gpvit.md section 9): GP blocks have no identity shortcut, LayerNorm eps is 1e-6 in local blocks
+and final/out norms but 1e-5 inside GP blocks and the neck, local blocks end with a bias-free depthwise conv that
+replaces x.
+
+Speed: tokens stay in a (B, H, W, C) layout between blocks, so the depthwise convs run as channels-last convs on a
+permuted view; stripes are cut with one permute (vertical) or no copy at all (horizontal); every attention goes
+through ``F.scaled_dot_product_attention``.
+
+Official checkpoints (mmcls ``gpvit_l{1..4}_in1k_300e.pth``: ``state_dict`` with ``backbone.``/``neck.``/``head.``
+prefixes, or a bare backbone state dict) load through :func:`checkpoint_filter_fn`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+__all__ = ["GPViT", "checkpoint_filter_fn"]
+
+# Layer indices and group-token counts of the GP blocks in all four official variants.
+DEFAULT_GROUP_LAYERS = {1: 64, 4: 32, 7: 32, 10: 16}
+
+
+def _sdpa_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, heads, N, C/heads) as a view (heads are contiguous channel slices, as in the official code)."""
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class ConvStem(nn.Module):
+    """Official ``ConvPatchEmbed``: conv7x7/2 + BN + ReLU, ``num_convs`` x (conv3x3 + BN + ReLU), conv4x4/4 (bias).
+
+    Returns a (B, C, H/8, W/8) map. The official "corner" padding never pads for inputs that are multiples of 16
+    (the only sizes the stripe attention accepts), so it is not needed here.
+    """
+
+    def __init__(self, in_chans: int = 3, embed_dim: int = 216, num_convs: int = 0, stem_chs: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(stem_chs),
+            nn.ReLU(inplace=True),
+        )
+        convs: List[nn.Module] = []
+        for _ in range(num_convs):
+            convs += [nn.Conv2d(stem_chs, stem_chs, 3, padding=1, bias=False), nn.BatchNorm2d(stem_chs),
+                      nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*convs)  # keys convs.{3k}, convs.{3k+1} as in the official module
+        self.proj = nn.Conv2d(stem_chs, embed_dim, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(self.stem(x)))
+
+
+class StripeAttention(nn.Module):
+    """Cross-shaped stripe attention with LePE (official ``LePEAttention`` x 2 halves + qkv/proj).
+
+    Channel half 0 attends inside vertical stripes of H rows x ``stripe`` columns, half 1 inside horizontal stripes
+    of ``stripe`` rows x W columns; each half has ``num_heads // 2`` heads. LePE is a depthwise 3x3 conv on V seen as
+    each stripe's own little image (zero padding at the stripe border), added to the attention output.
+    """
+
+    def __init__(self, dim: int, num_heads: int, stripe: int = 2, qkv_bias: bool = True):
+        super().__init__()
+        assert dim % 2 == 0 and num_heads % 2 == 0 and (dim // 2) % (num_heads // 2) == 0, \
+            f"dim {dim} must split into 2 halves of {num_heads // 2} heads"
+        self.num_heads = num_heads
+        self.stripe = stripe
+        half = dim // 2
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.lepe = nn.ModuleList([nn.Conv2d(half, half, 3, padding=1, groups=half) for _ in range(2)])
+        self.proj = nn.Linear(dim, dim)
+
+    def _attend(self, q, k, v, lepe: nn.Conv2d, n: int, hs: int, ws: int) -> torch.Tensor:
+        """q/k/v: (n, hs*ws, half) token-major stripes -> (n, hs*ws, half)."""
+        half = q.shape[-1]
+        nh = self.num_heads // 2
+        # LePE: V as a batch of (half, hs, ws) channels-last images.
+        pe = lepe(v.reshape(n, hs, ws, half).permute(0, 3, 1, 2))
+        pe = pe.permute(0, 2, 3, 1).reshape(n, hs * ws, half)
+        o = F.scaled_dot_product_attention(_sdpa_heads(q, nh), _sdpa_heads(k, nh), _sdpa_heads(v, nh))
+        return pe + o.transpose(1, 2).reshape(n, hs * ws, half)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        s, half = self.stripe, C // 2
+        qkv = self.qkv(x).view(B, H, W, 3, 2, half)
+        # half 0, vertical stripes (H x s): one copy brings the s-wide column blocks together
+        t = qkv[:, :, :, :, 0].view(B, H, W // s, s, 3, half).permute(4, 0, 2, 1, 3, 5)
+        t = t.reshape(3, B * (W // s), H * s, half)
+        o0 = self._attend(t[0], t[1], t[2], self.lepe[0], B * (W // s), H, s)
+        o0 = o0.view(B, W // s, H, s, half).permute(0, 2, 1, 3, 4)  # (B, H, W/s, s, half) view
+        # half 1, horizontal stripes (s x W): already contiguous row blocks, views only
+        t = qkv[:, :, :, :, 1].reshape(B * (H // s), s * W, 3, half)
+        o1 = self._attend(t[:, :, 0], t[:, :, 1], t[:, :, 2], self.lepe[1], B * (H // s), s, W)
+        o1 = o1.view(B, H, W // s, s, half)
+        out = torch.cat([o0, o1], dim=-1).view(B, H, W, C)
+        return self.proj(out)
+
+
+class LocalBlock(nn.Module):
+    """Official ``LePEAttnSimpleDWBlock``: pre-norm stripe attention, FFN, then a bias-free depthwise 3x3 conv whose
+    output replaces x (no residual, norm or activation)."""
+
+    def __init__(self, dim, num_heads, stripe=2, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, proj_drop=0.0,
+                 norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = StripeAttention(dim, num_heads, stripe, qkv_bias)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        # the permute is a channels-last view: no copy in or out of the conv
+        return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class GroupingAttention(nn.Module):
+    """Official ``LightGroupAttnBlock``: q = LN(group tokens) (no projection), k = Linear(LN(x)), v = LN(x);
+    no output projection and no residual (the result replaces the group tokens)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, norm_eps=1e-5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_q = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_k = nn.LayerNorm(dim, eps=norm_eps)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def forward(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        q = _sdpa_heads(self.norm_q(tokens), self.num_heads).expand(B, -1, -1, -1)
+        kin = self.norm_k(x)
+        k = _sdpa_heads(self.k_proj(kin), self.num_heads)
+        return _merge_heads(F.scaled_dot_product_attention(q, k, _sdpa_heads(kin, self.num_heads)))
+
+    @torch.no_grad()
+    def attention_weights(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Softmax weights (B, heads, M, N): how much each group token takes from each image position."""
+        B = x.shape[0]
+        q = _sdpa_heads(self.norm_q(tokens), self.num_heads).expand(B, -1, -1, -1)
+        k = _sdpa_heads(self.k_proj(self.norm_k(x)), self.num_heads)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+
+
+class MixerLayer(nn.Module):
+    """Official ``MLPMixerLayer``: token MLP (M -> int(0.5 C) -> M; the width follows C, not M) and channel MLP."""
+
+    def __init__(self, num_tokens, dim, token_ratio=0.5, channel_ratio=4.0, drop_path=0.0, norm_eps=1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.token_mlp = Mlp(num_tokens, int(token_ratio * dim), act_layer=nn.GELU)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.channel_mlp = Mlp(dim, int(channel_ratio * dim), act_layer=nn.GELU)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        g = g + self.drop_path1(self.token_mlp(self.norm1(g).transpose(1, 2)).transpose(1, 2))
+        return g + self.drop_path2(self.channel_mlp(self.norm2(g)))
+
+
+class UngroupingAttention(nn.Module):
+    """Official ``FullAttnCatBlock``: image tokens read the groups (q/k/v/out projections; k and v both from
+    LN(groups)), then Linear(2C -> C) of concat[x, attn] (no x + attn), then a pre-norm FFN residual."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, proj_drop=0.0, norm_eps=1e-5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_q = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_k = nn.LayerNorm(dim, eps=norm_eps)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)  # official k_proj and v_proj, fused
+        self.proj = nn.Linear(dim, dim)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fuse = nn.Linear(dim * 2, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # x (B, N, C), g (B, M, C)
+        B, M, C = g.shape
+        q = _sdpa_heads(self.q(self.norm_q(x)), self.num_heads)
+        kv = self.kv(self.norm_k(g)).view(B, M, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        a = self.proj(_merge_heads(F.scaled_dot_product_attention(q, kv[0], kv[1])))
+        z = self.fuse(torch.cat([x, self.drop_path1(a)], dim=-1))
+        return z + self.drop_path2(self.mlp(self.norm2(z)))
+
+
+class GPBlock(nn.Module):
+    """Group Propagation block: grouping -> MLP-Mixer -> ungrouping -> depthwise conv + BN + ReLU (no shortcut,
+    so the output is >= 0)."""
+
+    def __init__(self, dim, num_group_tokens, num_group_heads=6, num_ungroup_heads=6, mixer_depth=1, mlp_ratio=4.0,
+                 qkv_bias=True, drop_path=0.0, proj_drop=0.0, norm_eps=1e-5):
+        super().__init__()
+        self.group_token = nn.Parameter(torch.zeros(1, num_group_tokens, dim))
+        self.group = GroupingAttention(dim, num_group_heads, qkv_bias, norm_eps)  # official drop path: always 0
+        self.mixer = nn.Sequential(*[
+            MixerLayer(num_group_tokens, dim, drop_path=drop_path, norm_eps=norm_eps) for _ in range(mixer_depth)])
+        self.ungroup = UngroupingAttention(dim, num_ungroup_heads, mlp_ratio, qkv_bias, drop_path, proj_drop, norm_eps)
+        self.dwconv = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        B, H, W, C = x.shape
+        t = x.reshape(B, H * W, C)
+        g = self.mixer(self.group(self.group_token, t))
+        z = self.ungroup(t, g).view(B, H, W, C)
+        return self.dwconv(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def group_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Grouping attention weights (B, heads, M, H, W) for the block input x (B, H, W, C)."""
+        B, H, W, C = x.shape
+        a = self.group.attention_weights(self.group_token, x.reshape(B, H * W, C))
+        return a.view(*a.shape[:3], H, W)
+
+
+class AttentionPoolNeck(nn.Module):
+    """Official ``GroupNeck``: one learnable, zero-initialised query (LN eps 1e-5, no projection) attends over the
+    final-normed tokens; k = Linear(x) without bias, v = x, no output projection."""
+
+    def __init__(self, dim, num_heads=6, norm_eps=1e-5, init_std=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+        if init_std > 0:  # the official query starts at 0 (then k_proj gets no gradient in the first step)
+            trunc_normal_(self.token, std=init_std)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, C)
+        B, N, C = x.shape
+        q = _sdpa_heads(self.norm(self.token), self.num_heads).expand(B, -1, -1, -1)
+        o = F.scaled_dot_product_attention(q, _sdpa_heads(self.k_proj(x), self.num_heads), _sdpa_heads(x, self.num_heads))
+        return o.reshape(B, C)
+
+
+class GPViT(nn.Module):
+    """GPViT classifier / backbone.
+
+    Args:
+        img_size: training input size; fixes the position-embedding grid (img_size / 8). Other inputs whose sides
+            are multiples of 16 work: the embedding is resized bicubically on every forward, as the official code does.
+        embed_dim, depth, num_heads: width, number of layers, local-block heads (half of them per stripe direction).
+        group_layers: {layer index: number of group tokens} of the GP blocks (JSON string keys accepted).
+        stem_convs: extra 3x3 convs in the stem (0/1/1/2 for L1..L4).
+        global_pool: 'attn' (GroupNeck, L1/L2), 'avg' (L3/L4) or '' (no pooling).
+        neck_init_std: trunc-normal std of the attention-pool query (official: 0, a zero query).
+        out_norms: layer indices whose returned feature map gets its own LayerNorm (the official ``out_indices``
+            other than the last layer, e.g. (2, 5, 8) for segmentation).
+        drop_rate: dropout before the classifier (timm convention; the official models use 0).
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "attn",
+            embed_dim: int = 216,
+            depth: int = 12,
+            num_heads: int = 12,
+            stripe_width: int = 2,
+            group_layers: Optional[Dict[int, int]] = None,
+            num_group_heads: int = 6,
+            num_ungroup_heads: int = 6,
+            mixer_depth: int = 1,
+            mlp_ratio: float = 4.0,
+            stem_convs: int = 0,
+            qkv_bias: bool = True,
+            neck_heads: int = 6,
+            neck_init_std: float = 0.0,
+            norm_eps: float = 1e-6,
+            gp_norm_eps: float = 1e-5,
+            final_norm: bool = True,
+            out_norms: Sequence[int] = (),
+            drop_rate: float = 0.0,
+            pos_drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        assert global_pool in ("attn", "avg", ""), f"global_pool must be 'attn', 'avg' or '', got {global_pool!r}"
+        group_layers = DEFAULT_GROUP_LAYERS if group_layers is None else group_layers
+        self.group_layers = {int(k): int(v) for k, v in group_layers.items()}
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.neck_heads = neck_heads
+        self.neck_init_std = neck_init_std
+        self.gp_norm_eps = gp_norm_eps
+        self.stripe_width = stripe_width
+        self.grad_checkpointing = False
+        img_size = to_2tuple(img_size)
+        self.pos_grid = (img_size[0] // 8, img_size[1] // 8)
+
+        self.patch_embed = ConvStem(in_chans, embed_dim, stem_convs)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # = linspace(0, rate, depth), device-free
+        blocks: List[nn.Module] = []
+        for i in range(depth):
+            if i in self.group_layers:
+                blocks.append(GPBlock(embed_dim, self.group_layers[i], num_group_heads, num_ungroup_heads, mixer_depth,
+                                      mlp_ratio, qkv_bias, dpr[i], proj_drop_rate, gp_norm_eps))
+            else:
+                blocks.append(LocalBlock(embed_dim, num_heads, stripe_width, mlp_ratio, qkv_bias, dpr[i],
+                                         proj_drop_rate, norm_eps))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm else nn.Identity()
+        out_norms = feature_take_indices(depth, list(out_norms))[0] if len(out_norms) else []
+        self.out_norms = nn.ModuleDict(
+            {str(i): nn.LayerNorm(embed_dim, eps=norm_eps) for i in out_norms if i != depth - 1})
+        self._last_index = depth - 1
+        self.feature_info = [dict(num_chs=embed_dim, reduction=8, module=f"blocks.{i}") for i in range(depth)]
+
+        self.neck = (AttentionPoolNeck(embed_dim, neck_heads, gp_norm_eps, neck_init_std) if global_pool == "attn"
+                     else nn.Identity())
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def init_weights(self):
+        # official init: every Linear trunc-normal(0.02)/bias 0, LN 1/0, pos_embed and group tokens trunc-normal(0.02),
+        # the neck query stays 0, the classifier N(0, 0.01); convs and BNs keep PyTorch defaults.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        trunc_normal_(self.pos_embed, std=0.02)
+        for blk in self.blocks:
+            if isinstance(blk, GPBlock):
+                trunc_normal_(blk.group_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            nn.init.normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        # official recipe: pos_embed and all group tokens (GP blocks and the neck query) get no weight decay
+        names = {"pos_embed"} | {n for n, _ in self.named_parameters() if n.endswith("group_token")}
+        if isinstance(self.neck, AttentionPoolNeck):
+            names.add("neck.token")
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm|^out_norms", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None and global_pool != self.global_pool:
+            assert global_pool in ("attn", "avg", ""), f"global_pool must be 'attn', 'avg' or '', got {global_pool!r}"
+            self.global_pool = global_pool
+            self.neck = (AttentionPoolNeck(self.embed_dim, self.neck_heads, self.gp_norm_eps, self.neck_init_std)
+                         if global_pool == "attn" else nn.Identity())
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def check_input_size(self, H: int, W: int) -> None:
+        if H % 16 or W % 16 or H == 0 or W == 0:
+            def near(v):
+                lo = max(16, v // 16 * 16)
+                return f"{lo}" if lo == v else f"{lo} or {lo + 16}"
+            raise ValueError(
+                f"GPViT takes inputs whose height and width are multiples of 16 (stride-8 tokens cut into stripes of "
+                f"{self.stripe_width}), e.g. 224x224, 256x256 or 512x640; got {H}x{W}. Resize or pad to height "
+                f"{near(H)} and width {near(W)}.")
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the position embedding to x (B, H, W, C), resized bicubically when the token grid differs."""
+        B, H, W, C = x.shape
+        pos = self.pos_embed.view(1, self.pos_grid[0], self.pos_grid[1], C)
+        if (H, W) != self.pos_grid:
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
+            pos = pos.permute(0, 2, 3, 1)
+        return self.pos_drop((x + pos).contiguous())
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        return self._pos_embed(self.patch_embed(x).permute(0, 2, 3, 1))
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> final-normed (B, C, H/8, W/8) map (a permuted view of the internal (B, H, W, C) tokens)."""
+        x = self._embed(x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x)
+        return self.norm(x).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "attn":
+            x = self.neck(x.permute(0, 2, 3, 1).flatten(1, 2))
+        elif self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _feature(self, i: int, x: torch.Tensor, norm: bool) -> torch.Tensor:
+        if str(i) in self.out_norms:
+            return self.out_norms[str(i)](x)
+        if i == self._last_index or norm:  # the last layer's map is returned after the final norm (official)
+            return self.norm(x)
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ):
+        """Stride-8 maps after the chosen layers. A layer with an entry in ``out_norms`` gets its own LayerNorm, the
+        last layer gets the final norm (official ``out_indices`` semantics); others are raw unless ``norm``."""
+        assert output_fmt in ("NCHW", "NHWC"), "output_fmt must be NCHW or NHWC"
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self._embed(x)
+        blocks = self.blocks[:max_index + 1] if stop_early or intermediates_only else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x)
+            if i in take_indices:
+                f = self._feature(i, x, norm)
+                intermediates.append(f.permute(0, 3, 1, 2) if output_fmt == "NCHW" else f)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x).permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm and self._last_index not in take_indices:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    @torch.no_grad()
+    def group_attention(self, x: torch.Tensor, layers: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
+        """Grouping attention of GP blocks for an image batch: {layer: (B, heads, M, H/8, W/8)} softmax weights over
+        the image positions, for every GP block in ``layers`` (default: all)."""
+        gp = [i for i, b in enumerate(self.blocks) if isinstance(b, GPBlock)]
+        layers = gp if layers is None else list(layers)
+        bad = [i for i in layers if i not in gp]
+        if bad:
+            raise ValueError(f"layer(s) {bad} are not GP blocks; this model's GP blocks are at layers "
+                             f"{', '.join(map(str, gp))}.")
+        out = {}
+        x = self._embed(x)
+        for i, blk in enumerate(self.blocks[:max(layers) + 1]):
+            if i in layers:
+                out[i] = blk.group_attention(x)
+            x = blk(x)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# official checkpoints -> ours
+
+_LOCAL_MAP = [
+    (r"qkv\.", "attn.qkv."), (r"proj\.", "attn.proj."), (r"attns\.(\d)\.get_v\.", r"attn.lepe.\1."),
+    (r"ffn\.layers\.0\.0\.", "mlp.fc1."), (r"ffn\.layers\.1\.", "mlp.fc2."), (r"dw\.", "dwconv."),
+]
+_GP_MAP = [
+    (r"group_layer\.norm_query\.", "group.norm_q."), (r"group_layer\.norm_key\.", "group.norm_k."),
+    (r"group_layer\.attn\.k_proj\.", "group.k_proj."),
+    (r"mixer\.layers\.(\d+)\.patch_mixer\.0\.", r"mixer.\1.token_mlp.fc1."),
+    (r"mixer\.layers\.(\d+)\.patch_mixer\.3\.", r"mixer.\1.token_mlp.fc2."),
+    (r"mixer\.layers\.(\d+)\.channel_mixer\.0\.", r"mixer.\1.channel_mlp.fc1."),
+    (r"mixer\.layers\.(\d+)\.channel_mixer\.3\.", r"mixer.\1.channel_mlp.fc2."),
+    (r"mixer\.layers\.(\d+)\.norm", r"mixer.\1.norm"),
+    (r"un_group_layer\.norm_query\.", "ungroup.norm_q."), (r"un_group_layer\.norm_key\.", "ungroup.norm_k."),
+    (r"un_group_layer\.attn\.q_proj\.", "ungroup.q."), (r"un_group_layer\.attn\.proj\.", "ungroup.proj."),
+    (r"un_group_layer\.proj\.", "ungroup.fuse."), (r"un_group_layer\.norm2\.", "ungroup.norm2."),
+    (r"un_group_layer\.ffn\.layers\.0\.0\.", "ungroup.mlp.fc1."), (r"un_group_layer\.ffn\.layers\.1\.", "ungroup.mlp.fc2."),
+]
+_TOP_MAP = [
+    (r"^backbone\.", ""), (r"^patch_embed\.projection\.", "patch_embed.proj."), (r"^ln1\.", "norm."),
+    (r"^norm(\d+)\.", r"out_norms.\1."), (r"^neck\.group_token$", "neck.token"), (r"^neck\.norm_query\.", "neck.norm."),
+    (r"^neck\.attn\.k_proj\.", "neck.k_proj."), (r"^head\.fc\.", "head."),
+]
+
+
+def _convert_layer_key(rest: str, is_gp: bool) -> str:
+    for pat, rep in (_GP_MAP if is_gp else _LOCAL_MAP):
+        new, n = re.subn("^" + pat, rep, rest)
+        if n:
+            return new
+    return rest
+
+
+def _is_official(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("backbone.", "layers.", "ln1.", "patch_embed.projection.")) for k in state_dict)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GPViT) -> Dict[str, torch.Tensor]:
+    """Official mmcls GPViT checkpoint (classifier with ``backbone.``/``neck.``/``head.`` prefixes, or a bare
+    backbone state dict, possibly wrapped in ``state_dict``/``state_dict_ema`` with ``module.`` prefixes) -> ours.
+    Our own state dicts pass through unchanged (apart from the adjustments below).
+
+    Adjustments for the target model: a position embedding of another grid is resized bicubically; neck/head
+    weights are dropped when the model has no neck/classifier; ``out_norms`` the checkpoint lacks (a classification
+    checkpoint loaded into a dense-prediction backbone) start as identity LayerNorms, as the official ones do.
+    """
+    for key in ("state_dict", "state_dict_ema", "model"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+
+    if _is_official(state_dict):
+        gp_layers = {int(m.group(1)) for k in state_dict
+                     if (m := re.match(r"^(?:backbone\.)?layers\.(\d+)\.group_token$", k))}
+        out: Dict[str, torch.Tensor] = {}
+        kv: Dict[str, Dict[str, torch.Tensor]] = {}
+        for k, v in state_dict.items():
+            for pat, rep in _TOP_MAP:
+                k = re.sub(pat, rep, k)
+            m = re.match(r"^layers\.(\d+)\.(.*)$", k)
+            if m:
+                i, rest = int(m.group(1)), m.group(2)
+                km = re.match(r"^un_group_layer\.attn\.([kv])_proj\.(weight|bias)$", rest)
+                if i in gp_layers and km:  # k_proj and v_proj become one fused kv Linear
+                    kv.setdefault(f"blocks.{i}.ungroup.kv.{km.group(2)}", {})[km.group(1)] = v
+                    continue
+                k = f"blocks.{i}.{_convert_layer_key(rest, i in gp_layers)}"
+            out[k] = v
+        for k, parts in kv.items():
+            out[k] = torch.cat([parts["k"], parts["v"]], dim=0)
+        state_dict = out
+    else:
+        state_dict = dict(state_dict)
+
+    own = model.state_dict()
+    pos = state_dict.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape and pos.device.type != "meta":
+        C = pos.shape[-1]
+        old = int(math.isqrt(pos.shape[1]))
+        assert old * old == pos.shape[1], "cannot infer the grid of a non-square checkpoint position embedding"
+        new = getattr(model, "pos_grid", None)
+        p = F.interpolate(pos.reshape(1, old, old, C).permute(0, 3, 1, 2).float(), size=new, mode="bicubic",
+                          align_corners=False)
+        state_dict["pos_embed"] = p.permute(0, 2, 3, 1).reshape(1, -1, C).to(pos.dtype)
+    if not any(k.startswith("neck.") for k in own):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("neck.")}
+    if not any(k.startswith("head.") for k in own):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    for k, v in own.items():  # identity init for extra out norms the checkpoint does not have
+        if k.startswith("out_norms.") and k not in state_dict:
+            ref = next(iter(state_dict.values()))
+            state_dict[k] = (torch.ones if k.endswith("weight") else torch.zeros)(v.shape, device=ref.device)
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# builders
+
+def _cfg(**kwargs):
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),  # = mmcls (123.675, ...)/255
+        "first_conv": "patch_embed.stem.0", "classifier": "head", "license": "apache-2.0",
+        "paper_ids": "arXiv:2212.06795", "paper_name": "GPViT: A High Resolution Non-Hierarchical Vision Transformer "
+        "with Group Propagation", "origin_url": "https://github.com/ChenhongyiYang/GPViT", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "gpvit_l1.in1k": _cfg(),
+    "gpvit_l2.in1k": _cfg(),
+    "gpvit_l3.in1k": _cfg(),
+    "gpvit_l4.in1k": _cfg(),
+    "gpvit_test.untrained": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+})
+
+
+def _create_gpvit(variant: str, pretrained: bool = False, **kwargs) -> GPViT:
+    depth = kwargs.get("depth", 12)
+    default_out = tuple(i for i in (2, 5, 8, 11) if i < depth) if depth == 12 else tuple(range(depth))
+    if kwargs.get("features_only"):
+        # the official out_indices also give the model its extra per-layer norms
+        out = kwargs.setdefault("out_indices", default_out)
+        idx = feature_take_indices(depth, out)[0]
+        kwargs.setdefault("out_norms", tuple(i for i in idx if i != depth - 1))
+    return build_model_with_cfg(
+        GPViT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=default_out),
+        **kwargs,
+    )
+
+
+def _arch(embed_dim, stem_convs, global_pool, **kwargs):
+    return dict(embed_dim=embed_dim, stem_convs=stem_convs, global_pool=global_pool, depth=12, num_heads=12,
+                group_layers=DEFAULT_GROUP_LAYERS, **kwargs)
+
+
+@register_model
+def gpvit_l1(pretrained: bool = False, **kwargs) -> GPViT:
+    """GPViT-L1: C=216, 9.59M params with GroupNeck + head (9.33M backbone)."""
+    return _create_gpvit("gpvit_l1", pretrained, **dict(_arch(216, 0, "attn"), **kwargs))
+
+
+@register_model
+def gpvit_l2(pretrained: bool = False, **kwargs) -> GPViT:
+    """GPViT-L2: C=348, 24.16M params with GroupNeck + head (23.69M backbone)."""
+    return _create_gpvit("gpvit_l2", pretrained, **dict(_arch(348, 1, "attn"), **kwargs))
+
+
+@register_model
+def gpvit_l3(pretrained: bool = False, **kwargs) -> GPViT:
+    """GPViT-L3: C=432, 36.65M params with average pooling + head (36.22M backbone)."""
+    return _create_gpvit("gpvit_l3", pretrained, **dict(_arch(432, 1, "avg"), **kwargs))
+
+
+@register_model
+def gpvit_l4(pretrained: bool = False, **kwargs) -> GPViT:
+    """GPViT-L4: C=624, 75.48M params with average pooling + head (74.86M backbone)."""
+    return _create_gpvit("gpvit_l4", pretrained, **dict(_arch(624, 2, "avg"), **kwargs))
+
+
+@register_model
+def gpvit_test(pretrained: bool = False, **kwargs) -> GPViT:
+    """Tiny GPViT for tests and CPU smoke runs: C=24, local / GP (8 tokens) / local, GroupNeck, 32x32 input."""
+    args = dict(img_size=32, embed_dim=24, depth=3, num_heads=4, group_layers={1: 8}, num_group_heads=2,
+                num_ungroup_heads=3, mlp_ratio=2.0, stem_convs=0, global_pool="attn", neck_heads=6,
+                neck_init_std=0.02)  # non-zero neck query so that every parameter gets a gradient at step 0
+    return _create_gpvit("gpvit_test", pretrained, **dict(args, **kwargs))

@@ -1,0 +1,197 @@
+"""Tests of visionzoo.bench (the `visionzoo benchmark` tool). Timings are never asserted, only their consistency."""
+import argparse
+import csv
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionzoo import bench
+from visionzoo.models import UnknownModelError
+
+FAST = dict(num_warm_iter=1, num_bench_iter=2)
+
+
+def _parse(argv):
+    return bench.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+class ConvAttnNet(nn.Module):
+    """Patchify conv + one 2-head SDPA + linear head: MACs computable by hand (see test_gmacs_by_hand)."""
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.head = nn.Linear(16, self.num_classes)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # [B, N, 16]
+        b, n, _ = t.shape
+        q = t.reshape(b, n, 2, 8).transpose(1, 2)  # [B, 2 heads, N, 8]
+        a = F.scaled_dot_product_attention(q, q, q)
+        return self.head(a.mean((1, 2)).repeat(1, 2))
+
+
+class TwoHeadNet(nn.Module):
+    """Returns several outputs in train mode, like distilled / multi-head models."""
+    num_classes = 10
+
+    def __init__(self, stacked=False):
+        super().__init__()
+        self.stacked = stacked
+        self.body = nn.Conv2d(3, 8, 3, stride=2)
+        self.head = nn.Linear(8, 10)
+        self.head_dist = nn.Linear(8, 10)
+
+    def forward(self, x):
+        f = self.body(x).mean((2, 3))
+        a, b = self.head(f), self.head_dist(f)
+        if not self.training:
+            return (a + b) / 2
+        return torch.stack([a, b]) if self.stacked else (a, b, f)  # f: features, not logits -> ignored
+
+
+class OOMAbove(nn.Module):
+    """Raises CUDA's out-of-memory error for batches larger than ``limit``."""
+    num_classes = 10
+
+    def __init__(self, limit, error=torch.OutOfMemoryError, msg="CUDA out of memory. Tried to allocate 2 GiB"):
+        super().__init__()
+        self.limit, self.error, self.msg = limit, error, msg
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise self.error(self.msg)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_row_fields_timm_model():
+    row = bench.benchmark_model("test_vit", batch_size=2, **FAST)
+    assert set(row) == set(bench.FIELDS)
+    ref = timm.create_model("test_vit")
+    params = sum(p.numel() for p in ref.parameters())
+    assert row["params"] == params and row["param_count"] == round(params / 1e6, 2)
+    assert row["img_size"] == ref.pretrained_cfg["input_size"][-1]
+    assert row["model"] == "test_vit" and row["device"] == "cpu" and row["precision"] == "float32"
+    assert row["infer_batch_size"] == row["train_batch_size"] == row["batch_size"] == 2
+    assert row["gmacs"] > 0 and row["torch"] == torch.__version__ and row["timm"] == timm.__version__
+    assert row["cpu_count"] >= 1 and row["date"] and row["error"] == ""
+    for mode in ("infer", "train"):
+        sps, ms = row[f"{mode}_samples_per_sec"], row[f"{mode}_step_time_ms"]
+        assert sps > 0 and ms > 0
+        # the whole timed loop is at least the sum of its steps: samples/s <= batch / mean step time
+        assert sps <= 2 / (ms / 1000) * 1.05 + 1
+
+
+def test_img_size_and_bench_mode():
+    # resnet has no img_size argument (built without it), the ViT is rebuilt at 32 (fixed position embeddings)
+    for name in ("resnet10t", "test_vit"):
+        row = bench.benchmark_model(name, batch_size=2, img_size=32, bench="infer", **FAST)
+        assert row["img_size"] == 32 and row["infer_samples_per_sec"] > 0
+        assert row["train_samples_per_sec"] is None and row["train_step_time_ms"] is None
+
+
+def test_gmacs_by_hand():
+    # 32x32 input: conv 4x4/4 -> 8x8 = 64 positions * 16 out * (3*4*4) in; SDPA: QK^T and AV, each
+    # heads * N * N * d; head 16 -> 10
+    conv = 64 * 16 * 48
+    sdpa = 2 * (2 * 64 * 64 * 8)
+    linear = 16 * 10
+    expected = (conv + sdpa + linear) / 1e9
+    assert bench.count_gmacs(ConvAttnNet(), (3, 32, 32)) == pytest.approx(expected, rel=1e-6)
+    row = bench.benchmark_model(ConvAttnNet(), img_size=32, batch_size=2, bench="infer", **FAST)
+    assert row["gmacs"] == pytest.approx(expected, rel=1e-3)  # SDPA is 73% of it: it is counted
+    assert row["model"] == "ConvAttnNet"
+
+
+def test_train_loss_sums_outputs():
+    target = torch.tensor([1, 3])
+    a, b, f = torch.randn(2, 10), torch.randn(2, 10), torch.randn(2, 8)
+    expected = F.cross_entropy(a, target) + F.cross_entropy(b, target)
+    assert torch.allclose(bench.train_loss((a, b, f), target, 10), expected)
+    assert torch.allclose(bench.train_loss(torch.stack([a, b]), target, 10), expected)
+    assert torch.allclose(bench.train_loss({"x": a}, target, 10), F.cross_entropy(a, target))
+    assert torch.allclose(bench.train_loss(f, target, 0), f.mean())  # headless model
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_multi_output_train(stacked):
+    torch.manual_seed(0)
+    model = TwoHeadNet(stacked)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    row = bench.benchmark_model(model, img_size=16, batch_size=4, bench="train", **FAST)
+    assert row["train_samples_per_sec"] > 0 and row["infer_samples_per_sec"] is None
+    for key in ("head.weight", "head_dist.weight", "body.weight"):  # the loss reached both heads
+        assert not torch.equal(before[key], model.state_dict()[key]), key
+
+
+def test_oom_decays_batch():
+    row = bench.benchmark_model(OOMAbove(3), img_size=8, batch_size=8, **FAST)
+    assert row["infer_batch_size"] == row["train_batch_size"] == 3  # 8 -> 6 -> 4 -> 3 (timm decay_batch_step)
+    assert row["batch_size"] == 8
+    with pytest.raises(torch.OutOfMemoryError):
+        bench.benchmark_model(OOMAbove(3), img_size=8, batch_size=8, retry_oom=False, **FAST)
+    with pytest.raises(RuntimeError, match="shape bug"):  # other errors are not retried
+        bench.benchmark_model(OOMAbove(3, RuntimeError, "shape bug"), img_size=8, batch_size=8, **FAST)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="amp_bfloat16"):
+        bench.benchmark_model("test_vit", precision="fp8")
+    with pytest.raises(UnknownModelError, match="resnet18"):
+        bench.benchmark_model("resnet18x")
+
+
+def test_cli_csv_header_once_and_baseline(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    common = ["-b", "2", "--img-size", "32", "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench", "infer",
+              "--device", "cpu", "--results-file", str(out)]
+    assert bench.run(_parse(["--model", "test_vit"] + common)) == 0
+    assert bench.run(_parse(["--model", "test_vit", "--baseline", "resnet10t"] + common)) == 0
+    table = capsys.readouterr().out
+    assert "resnet10t (timm baseline)" in table and "infer img/s" in table
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4 and lines[0] == ",".join(bench.FIELDS)
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["model"], r["baseline"]) for r in rows] == [
+        ("test_vit", "False"), ("test_vit", "False"), ("resnet10t", "True")]
+    assert all(float(r["infer_samples_per_sec"]) > 0 and r["img_size"] == "32" for r in rows)
+    # a CSV with other columns is not silently mixed into
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="another --results-file"):
+        bench.write_rows(other, rows)
+
+
+def test_cli_unknown_model_before_any_work(tmp_path):
+    out = tmp_path / "bench.csv"
+    with pytest.raises(UnknownModelError, match="Did you mean.*resnet18"):
+        bench.run(_parse(["--model", "test_vit", "resnet18x", "--results-file", str(out)]))
+    assert not out.exists()  # test_vit was not benchmarked first
+    with pytest.raises(UnknownModelError, match="No model matches 'zz_nomodel\\*'"):
+        bench.run(_parse(["--model", "zz_nomodel*"]))
+    with pytest.raises(ValueError, match="--model"):
+        bench.run(_parse([]))
+
+
+def test_wildcards_and_model_list(tmp_path):
+    assert bench.resolve_model_names(["test_vit*"]) == timm.list_models("test_vit*")
+    assert bench.resolve_model_names(["test_vit", "test_vit"], baseline=True) == ["test_vit"]
+    lst = tmp_path / "models.txt"
+    lst.write_text("# ours\ntest_vit\n\nresnet10t  # a CNN\n")
+    assert bench._read_model_list(str(lst)) == ["test_vit", "resnet10t"]
+
+
+def test_help_does_not_import_torch():
+    # the console script is named `visionzoo`, which makes `import visionzoo` skip the model registration
+    code = ("import sys; sys.argv = ['visionzoo']; import argparse, visionzoo.bench as b; "
+            "p = b.add_arguments(argparse.ArgumentParser()); p.format_help(); print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
