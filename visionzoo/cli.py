@@ -134,6 +134,26 @@ def cmd_visualize(args) -> int:
     return importlib.import_module(f".viz.{module}", __package__).run(args) or 0
 
 
+# Commands whose module owns its flags: each module has ``add_arguments(parser)`` (no torch import at module level,
+# so ``--help`` stays fast) and ``run(args) -> int``.
+TOOLS = {
+    "pretrain": ("ssl.pretrain", "self-supervised pretraining (--method udi) with online k-NN"),
+    "knn": ("engine.knn", "weighted k-NN accuracy of frozen features (any model)"),
+    "linear": ("engine.linear", "linear probe on frozen features (any model)"),
+    "finetune": ("engine.finetune", "fine-tune a pretrained checkpoint (layer-wise lr decay, mixup, drop path)"),
+    "transfer": ("engine.transfer", "frozen-feature transfer to other datasets: linear classifier, R^2, variability"),
+}
+
+
+def _tool_runner(module: str):
+    def run(args) -> int:
+        import importlib
+
+        return int(importlib.import_module(f".{module}", __package__).run(args) or 0)
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layer", type=int, default=None)
     q.add_argument("--groups", type=int, nargs="*", default=None, help="group indices whose attention to draw")
     q.set_defaults(func=cmd_visualize)
+    q = vsub.add_parser("attention", parents=[common], help="ViT: last-layer [CLS] self-attention map per head")
+    q.add_argument("--token", default="cls", help="cls | cls+ (UDI's second class token)")
+    q.add_argument("--threshold", type=float, default=None, help="also draw DINO's mass-threshold masks (e.g. 0.6)")
+    q.set_defaults(func=cmd_visualize)
+
+    import importlib.util
+
+    for name, (module, help_text) in TOOLS.items():
+        if importlib.util.find_spec(f"{__package__}.{module}") is None:
+            continue  # not built yet
+        p = sub.add_parser(name, help=help_text)
+        importlib.import_module(f".{module}", __package__).add_arguments(p)
+        p.set_defaults(func=_tool_runner(module))
     return parser
 
 
