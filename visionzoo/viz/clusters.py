@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cluster_assignment", "render_cluster_map", "cluster_colors", "prepare_image", "add_arguments", "run"]
+__all__ = ["cluster_assignment", "render_cluster_map", "cluster_colors", "prepare_image", "add_arguments", "run",
+           "draw"]
 
 
 def _coc_model(model):
@@ -210,7 +211,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> int:
+    """CLI entry (``visionzoo visualize clusters``): returns the exit status 0; :func:`draw` returns the path."""
+    draw(args)
+    return 0
+
+
+def draw(args: argparse.Namespace) -> Path:
+    """Load the model (and weights), compute the assignment of the chosen block/head and write the PNG."""
     import visionzoo
     from visionzoo.models import load_weights
 
@@ -219,12 +227,17 @@ def run(args: argparse.Namespace) -> Path:
         load_weights(model, args.checkpoint, use_ema=getattr(args, "use_ema", False))
     else:
         print(f"note: no --checkpoint given, {args.model} has random weights", file=sys.stderr)
-    model = _coc_model(model).to(args.device).eval()
+    # `visionzoo visualize clusters` shares its parser with the other viz tools (--img-size, no --alpha/--device)
+    device = getattr(args, "device", None) or "cpu"
+    size = getattr(args, "size", None) or getattr(args, "img_size", None) or 224
+    alpha = getattr(args, "alpha", None)
+    alpha = 0.5 if alpha is None else alpha
+    model = _coc_model(model).to(device).eval()
     image = load_image(args.image)
-    crop, x = prepare_image(image, model, args.size)
-    assignment = cluster_assignment(model, x.to(args.device), args.stage, args.block, args.head)[0].cpu()
+    crop, x = prepare_image(image, model, size)
+    assignment = cluster_assignment(model, x.to(device), args.stage, args.block, args.head)[0].cpu()
     out = args.out or f"{Path(args.image).stem}_{args.model}_s{args.stage}b{args.block}h{args.head}.png"
-    path = render_cluster_map(crop, assignment, out, alpha=args.alpha)
+    path = render_cluster_map(crop, assignment, out, alpha=alpha)
     n = int(torch.unique(assignment).numel())
     print(f"wrote {path}: {n} clusters on a {assignment.shape[1]}x{assignment.shape[0]} (WxH) map, "
           f"model input {x.shape[3]}x{x.shape[2]}, drawn at {crop.size[0]}x{crop.size[1]}")
