@@ -383,11 +383,120 @@ def test_group_map_cli_writes_png(tmp_path):
     out = tmp_path / "groups.png"
     args = parser.parse_args(["--model", "gpvit_test", "--image", "sample", "--layer", "1", "--out", str(out),
                               "--img-size", "64"])
-    path = groups.run(args)
+    path = groups.write_group_map(args)
     assert Path(path) == out and out.stat().st_size > 10_000
     from PIL import Image
 
     assert Image.open(out).size[0] > Image.open(out).size[1]  # a row of panels
+
+
+def test_group_attention_rows_and_assignment_on_full_size_layout():
+    """Grouping attention: a softmax over image positions for every (group, head); heads/groups per GP block."""
+    from visionzoo.viz.groups import group_assignment, group_attention
+
+    m = _small().eval()
+    x = torch.randn(1, 3, 48, 64)
+    for layer, groups in ((1, 8), (3, 4)):
+        attn = group_attention(m, x, layer=layer)
+        assert attn.shape == (1, 3, groups, 6, 8)
+        assert (attn >= 0).all()
+        torch.testing.assert_close(attn.sum(dim=(-2, -1)), torch.ones(1, 3, groups))
+        assign = group_assignment(attn[0])
+        assert assign.shape == (6, 8) and int(assign.min()) >= 0 and int(assign.max()) < groups
+    # the default layer is the first GP block
+    torch.testing.assert_close(group_attention(m, x), group_attention(m, x, layer=1))
+
+
+def test_group_map_via_visionzoo_cli(tmp_path):
+    """`visionzoo visualize groups ...` through the real CLI parser (fewer flags than the module's own parser)."""
+    from PIL import Image
+
+    from visionzoo.cli import main
+
+    out = tmp_path / "g.png"
+    rc = main(["visualize", "groups", "--model", "gpvit_test", "--image", "sample", "--out", str(out),
+               "--img-size", "64", "--layer", "1", "--groups", "0", "3"])
+    assert rc == 0 and out.exists()
+    import numpy as np
+
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape[1] > img.shape[0] and len(np.unique(img.reshape(-1, 3), axis=0)) > 100  # a picture, not blank
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recipes and training
+
+RECIPES = ["gpvit_l1", "gpvit_l2", "gpvit_l3", "gpvit_l4"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_imagenet_recipes(name):
+    from visionzoo.engine.config import load_config
+
+    multi, single = load_config(f"gpvit/{name}"), load_config(f"gpvit/{name}_1gpu")
+    assert multi.model == single.model == name
+    # spec section 4: 16 GPUs x 128 = 2048, AdamW 2e-3, 300 epochs, 15 warmup epochs, clip 1.0, no EMA
+    assert multi.global_batch(multi.world_size) == single.global_batch(single.world_size) == 2048
+    assert single.world_size == 1 and single.grad_accum_steps == 16
+    assert multi.resolved_lr(multi.world_size) == single.resolved_lr(1) == 2e-3
+    assert (multi.opt, multi.weight_decay, multi.epochs, multi.warmup_epochs) == ("adamw", 0.05, 300, 15)
+    assert multi.clip_grad == 1.0 and not multi.model_ema and multi.smoothing == 0.1
+    assert multi.drop_path == (0.2 if name in ("gpvit_l1", "gpvit_l2") else 0.3)
+    import dataclasses
+
+    diff = {f.name for f in dataclasses.fields(multi) if getattr(multi, f.name) != getattr(single, f.name)}
+    assert diff == {"world_size", "grad_accum_steps", "notes"}
+
+
+def test_recipe_optimizer_decay_split_matches_official():
+    """Spec section 4: no decay on norms, biases, pos_embed and group tokens; depthwise convs keep their decay."""
+    from visionzoo.engine.config import load_config
+    from visionzoo.engine.train import build_optimizer
+
+    cfg = load_config("gpvit/gpvit_l1")
+    model = timm.create_model("gpvit_test")
+    opt = build_optimizer(cfg, model, lr=cfg.lr)
+    names = {p: n for n, p in model.named_parameters()}
+    no_decay = {names[p] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[p] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert no_decay | decay == set(names.values()) and not no_decay & decay
+    for n in names.values():
+        if n in ("pos_embed", "neck.token") or n.endswith("group_token") or model.get_parameter(n).dim() == 1:
+            assert n in no_decay, n  # biases, LN/BN affine, position embedding, group tokens
+        if n.endswith(".weight") and model.get_parameter(n).dim() > 1:
+            assert n in decay, n  # linear, conv and depthwise-conv weights (get_v / dw / dwconv.0) keep decay
+    g = opt.param_groups[0]
+    assert g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8
+
+
+def test_cpu_recipe_trains(tmp_path):
+    from visionzoo.engine.config import load_config
+    from visionzoo.engine.train import train
+
+    cfg = load_config("gpvit/gpvit_test_cpu", {"max_steps": 3, "output": str(tmp_path), "experiment": "cpu"})
+    assert (cfg.model, cfg.dataset, cfg.img_size, cfg.amp, cfg.workers) == ("gpvit_test", "digits", 32, False, 0)
+    out = train(cfg, device="cpu")
+    assert out["global_step"] == 3
+    assert (Path(out["run_dir"]) / "last" / "model.safetensors").exists()
+
+
+def test_training_and_validation_read_lmdb(tmp_path):
+    """One epoch of gpvit_test on LMDBs converted from a tiny digits folder: train and val both read LMDB."""
+    from visionzoo.data.datasets import write_digits_folder
+    from visionzoo.data.lmdb import convert_to_lmdb
+    from visionzoo.engine.config import load_config
+    from visionzoo.engine.train import train
+
+    folder = write_digits_folder(tmp_path / "digits", max_per_class=2)
+    db = tmp_path / "db"
+    for split in ("train", "val"):
+        assert convert_to_lmdb(Path(folder) / split, db / f"{split}.lmdb", progress=False,
+                               classes=Path(folder) / "train") == 20
+    cfg = load_config("gpvit/gpvit_test_cpu", {"dataset": "lmdb", "data_dir": str(db), "epochs": 1, "batch_size": 10,
+                                               "warmup_epochs": 0, "output": str(tmp_path), "experiment": "lmdb"})
+    out = train(cfg, device="cpu")
+    assert out["global_step"] == 2 and out["epochs_done"] == 1
+    assert 0.0 <= out["val_top1"] <= 100.0  # validation ran on the val LMDB
 
 
 # ----------------------------------------------------------------------------------------------------------------

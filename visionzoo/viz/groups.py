@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 __all__ = ["group_attention", "group_assignment", "load_image", "prepare_image", "render_group_map",
-           "add_arguments", "run"]
+           "add_arguments", "run", "write_group_map"]
 
 
 def _gp_layers(model) -> list[int]:
@@ -182,24 +182,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> Path:
+def write_group_map(args: argparse.Namespace) -> Path:
+    """Build the model, run the image through it and write the PNG; returns its path. ``args`` may come from
+    ``add_arguments`` or from the ``visionzoo visualize groups`` parser, which defines fewer flags (the missing
+    ones take the defaults of ``add_arguments``)."""
     import visionzoo
 
-    model = visionzoo.create_model(args.model, checkpoint_path=args.checkpoint).eval().to(args.device)
+    device = getattr(args, "device", None) or "cpu"
+    out_path = getattr(args, "out", None) or "groups.png"
+    model = visionzoo.create_model(args.model, checkpoint_path=args.checkpoint).eval().to(device)
     if not _gp_layers(model):
         raise SystemExit(f"error: model '{args.model}' has no GP blocks; group maps need a GPViT model.")
     if args.checkpoint is None:
         warnings.warn(f"no --checkpoint: showing the groups of a randomly initialised {args.model}", stacklevel=1)
     cfg = model.pretrained_cfg
-    size = args.img_size or cfg["input_size"][-1]
+    size = getattr(args, "img_size", None) or cfg["input_size"][-1]
     x, shown = prepare_image(load_image(args.image), size, cfg["mean"], cfg["std"])
-    attn = group_attention(model, x.to(args.device), args.layer)
+    attn = group_attention(model, x.to(device), args.layer)
     layer = args.layer if args.layer is not None else _gp_layers(model)[0]
     title = f"{args.model}, GP block at layer {layer}" + ("" if args.checkpoint else " (random weights)")
-    out = render_group_map(shown, attn[0], args.out, groups=args.groups, num_groups=args.num_groups, head=args.head,
-                           title=title)
+    out = render_group_map(shown, attn[0], out_path, groups=args.groups or None,
+                           num_groups=getattr(args, "num_groups", 4), head=getattr(args, "head", None), title=title)
     print(f"wrote {out}")
     return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry point (the CLI turns the return value into the exit status)."""
+    write_group_map(args)
+    return 0
 
 
 if __name__ == "__main__":

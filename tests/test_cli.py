@@ -1,0 +1,59 @@
+"""The `visionzoo` command as a user meets it: fast help, listings, one-line errors for bad input."""
+import subprocess
+import sys
+import time
+
+import pytest
+
+from visionzoo.cli import main
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "visionzoo", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_fast_and_lists_every_command():
+    # timing is not asserted (machine load varies); what matters is that torch is never imported for --help
+    code = ("import sys; sys.argv[0] = '/usr/local/bin/visionzoo'  # as the console script runs\n"
+            "import visionzoo.cli as c\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip().endswith("NOTORCH")
+    for cmd in ("demo", "train", "validate", "list", "benchmark", "data", "visualize"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", ["train", "validate", "benchmark", "demo", "list", "visualize"])
+def test_subcommand_help(cmd):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+
+
+def test_list_models_and_recipes(capsys):
+    assert main(["list", "models", "coc*"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "coc_tiny" in out and "coc_test" in out and not any(n.startswith("gpvit") for n in out)
+    assert main(["list", "recipes"]) == 0
+    assert "demo/digits" in capsys.readouterr().out
+
+
+def test_unknown_model_is_one_line_with_close_matches():
+    r = _run("validate", "coc_tinyy")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "coc_tiny" in r.stderr and r.stderr.startswith("error:")
+
+
+def test_unknown_recipe_is_one_line_with_close_matches():
+    r = _run("train", "--recipe", "demo/digit")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "demo/digits" in r.stderr
+
+
+def test_missing_data_dir_names_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    r = _run("train", str(missing), "--dataset", "folder", "--model", "coc_test", "--epochs", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(missing) in r.stderr
