@@ -44,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from ..engine.checkpoint import atomic_torch_save
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -1028,13 +1030,6 @@ def _atomic_save_tensors(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save_checkpoint(out: Path, udi: UDI, optimizer, scaler, epoch: int, step_in_epoch: int, global_step: int,
@@ -1053,7 +1048,7 @@ def _save_checkpoint(out: Path, udi: UDI, optimizer, scaler, epoch: int, step_in
         state["scaler"] = scaler.state_dict()
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    _atomic_torch_save(state, out / _STATE)
+    atomic_torch_save(state, out / _STATE)
 
 
 def _load_checkpoint(out: Path, udi: UDI, optimizer, scaler) -> dict:
