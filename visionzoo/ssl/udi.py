@@ -1207,8 +1207,11 @@ def pretrain(cfg: UDIConfig, out_dir: str | os.PathLike, resume: bool = False, d
         train_set.epoch = epoch
         batches = _epoch_batches(len(train_set), cfg.batch_size, epoch, cfg.seed, rank, world)[:n_iter]
         first = start_step if epoch == start_epoch else 0
+        # own generator: creating a DataLoader iterator draws a seed from the global RNG, which would shift the
+        # drop-path masks of a resumed run (the restored RNG state is taken after that draw)
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[first:], num_workers=cfg.workers,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         sums: dict[str, torch.Tensor] = {}
         n_steps, t0 = 0, time.time()
         bar = None
