@@ -57,3 +57,13 @@ def test_missing_data_dir_names_the_path(tmp_path):
     r = _run("train", str(missing), "--dataset", "folder", "--model", "coc_test", "--epochs", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert str(missing) in r.stderr
+
+
+def test_console_script_registers_models_before_running_a_command():
+    # the console script defers model registration for a fast --help; every real command must still see our models
+    code = ("import sys; sys.argv[0] = '/usr/local/bin/visionzoo'\n"
+            "import visionzoo.cli as c\n"
+            "sys.exit(c.main(['list', 'models', 'udi*']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "udi_vit_test" in r.stdout.split()

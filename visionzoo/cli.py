@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from . import models  # noqa: F401  registers our models into timm (deferred so that --help stays fast)
+
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
