@@ -89,22 +89,15 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, titl
     loss_keys = [k for k in rows[0] if k.endswith("loss")]
     acc_keys = [k for k in rows[-1] if any(s in k for s in ("top1", "top5", "knn", "acc"))]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for k in loss_keys:
-        pts = series(k)
-        if pts:
-            axes[0].plot(*zip(*pts), marker="o", label=k)
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    axes[0].grid(alpha=0.3)
-    for k in acc_keys:
-        pts = series(k)
-        if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=k)
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("accuracy (%)")
-    axes[1].legend()
-    axes[1].grid(alpha=0.3)
+    for ax, keys, ylabel in ((axes[0], loss_keys, "loss"), (axes[1], acc_keys, "accuracy (%)")):
+        for k in keys:
+            pts = series(k)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=k)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .groups import load_image, prepare_image
+from .groups import load_image, prepare_image, save_panels
 
 __all__ = ["cls_attention", "mass_threshold", "render_attention", "run"]
 
@@ -88,19 +88,9 @@ def render_attention(image: np.ndarray, maps: torch.Tensor, out, title: str = ""
         if masks is not None:
             axes[i + 1].contour(up(masks[i].cpu().numpy().astype(float)), levels=[0.5], colors=["cyan"], linewidths=1)
         axes[i + 1].set_title(f"head {i}")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
     for ax in axes[heads + 1:]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_panels(fig, axes, out, title)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -147,6 +147,13 @@ def render_group_map(
         ax.imshow(up(m), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
         ax.contour(up(labels == g).astype(float), levels=[0.5], colors=[cols[g]], linewidths=1.5)
         ax.set_title(f"group {g} ({100 * counts[g] / labels.size:.0f}% argmax)")
+    return save_panels(fig, axes, out, title, dpi=110)
+
+
+def save_panels(fig, axes, out, title: str = "", dpi: int = 100) -> Path:
+    """Hide the ticks of image panels, add the title, write the PNG (parent folders made) and close the figure."""
+    import matplotlib.pyplot as plt
+
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -155,7 +162,7 @@ def render_group_map(
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
