@@ -54,7 +54,7 @@ def test_pretrain_exact_resume(tmp_path):
     # a large lr without warmup so that any difference in the resumed trajectory is far above rounding
     # 90 train images // 16 = 5 steps per epoch: stopping at 3 and resuming to 8 crosses an epoch end (k-NN, checkpoint)
     common = (["pretrain", "--epochs", "2", "--batch-size", "16", "--lr", "0.005"] + TINY
-              + ["--set", "warmup_epochs=0", "--set", "val_fraction=0.95"])
+              + ["--set", "warmup_epochs=0", "--set", "max_train_images=90"])
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(common + ["--output", str(full), "--stop-after-steps", "8"]) == 0
     assert main(common + ["--output", str(part), "--stop-after-steps", "3"]) == 0

@@ -22,6 +22,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
     initial_checkpoint: str | None = None  # weights (ours or official) loaded before training
+    head_init_scale: float | None = None  # scale the classifier after init/loading (fine-tuning: BEiT uses 0.001)
     # data
     dataset: str = "digits"  # digits | folder | lmdb | auto
     data_dir: str | None = None
@@ -128,6 +129,11 @@ def find_recipe(name: str) -> Path:
     raise RecipeError(f"Unknown recipe '{name}'.{hint} `visionzoo list recipes` shows every name.")
 
 
+def is_pretrain_recipe(path: str | os.PathLike) -> bool:
+    """Pretraining recipes (``UDIConfig`` keys, for ``visionzoo pretrain``) are named ``pretrain_*.yaml``."""
+    return Path(path).name.startswith("pretrain_")
+
+
 def _coerce(value: str) -> Any:
     """Parse a CLI override value with YAML rules (numbers, bools, null, lists, dicts)."""
     try:
@@ -179,6 +185,9 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
     data: dict = {}
     if recipe:
         path = find_recipe(recipe)
+        if cls is TrainConfig and is_pretrain_recipe(path):
+            raise RecipeError(f"{path.stem} is a self-supervised pretraining recipe: run "
+                              f"`visionzoo pretrain --recipe {recipe}` (train/finetune take supervised recipes).")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"Recipe {path} must be a YAML mapping of key: value.")

@@ -164,6 +164,16 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
     if cfg.initial_checkpoint:
         load_weights(model, cfg.initial_checkpoint)
+    if cfg.head_init_scale is not None:
+        head = model.get_classifier()
+        if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+            raise ValueError(f"head_init_scale needs a classifier; model '{cfg.model}' has none (num_classes=0?)")
+        if any(type(m).__name__ == "GrassmannHead" for m in head.modules()):
+            raise ValueError("head_init_scale would move GCR class subspaces off the Grassmann manifold (their "
+                             "bases must stay orthonormal): leave it unset for GCR models.")
+        with torch.no_grad():
+            for p in head.parameters():
+                p.mul_(cfg.head_init_scale)
     return model
 
 

@@ -160,6 +160,13 @@ def load_weights(
             strict = False
     shape_bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     missing = [k for k in own if k not in sd]
+    new_head = [k for k in missing if k in _classifier_keys(model)]
+    if new_head and len(new_head) == len(missing):  # backbone-only weights (e.g. SSL): keep the fresh classifier
+        _logger.warning("%s has no classifier (%s): keeping the model's newly initialised one",
+                        path, ", ".join(new_head))
+        for k in new_head:
+            sd[k] = own[k]
+        missing = []
     unexpected = [k for k in sd if k not in own]
     if shape_bad or (strict and (missing or unexpected)):
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)

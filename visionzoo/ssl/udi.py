@@ -67,7 +67,7 @@ class UDIConfig:
     model_kwargs: dict = field(default_factory=dict)
     drop_path: float = 0.1  # student only (teacher 0)
     # data
-    dataset: str = "folder"  # folder (data_dir/train, data_dir/val) | digits
+    dataset: str = "folder"  # folder | lmdb | auto (data_dir/train, data_dir/val) | digits (embedded)
     data_dir: Optional[str] = None
     train_split: str = "train"
     val_split: str = "val"
@@ -109,7 +109,7 @@ class UDIConfig:
     amp: bool = True
     amp_dtype: str = "float16"  # float16 (GradScaler) | bfloat16
     # loop
-    workers: int = 10
+    workers: int = 10  # official value; capped at the machine's CPU count
     seed: int = 0
     save_every: int = 20  # epochs; the latest state is written every epoch
     knn_every: int = 1  # epochs; 0 disables the online k-NN
@@ -117,7 +117,7 @@ class UDIConfig:
     knn_t: float = 0.07
     knn_max_train: int = 20000  # labelled train images used as the k-NN memory bank
     knn_max_val: int = 10000
-    val_fraction: float = 0.15  # digits only: held-out labelled part
+    max_train_images: Optional[int] = None  # pretrain on a fixed random subset of this size (smoke runs, tests)
     stop_after_steps: Optional[int] = None  # stop (after a checkpoint) once this many steps are done in total
     log_every: int = 10
     notes: str = ""
@@ -141,9 +141,9 @@ class UDIConfig:
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "UDIConfig":
         import yaml
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"UDI recipe not found: {path}")
+        from ..engine.config import find_recipe
+
+        path = find_recipe(str(path))  # a YAML path or a shipped name such as udi/pretrain_vit_small_300ep
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of recipe keys, found {type(data).__name__}.")
@@ -854,99 +854,27 @@ def train_step(udi: UDI, optimizer: torch.optim.Optimizer, crops, maps, it: int,
 # ================================================================================================================
 # k-NN monitor (weighted k-NN as DINO: cosine similarity, weights exp(sim / T))
 
-@torch.no_grad()
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 20, T: float = 0.07, num_classes: int | None = None,
                  chunk: int = 1024) -> float:
-    """Top-1 accuracy (in %) of the weighted k-NN classifier (features are L2-normalised here)."""
-    train_feats = F.normalize(train_feats.float(), dim=1)
-    test_feats = F.normalize(test_feats.float(), dim=1)
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    k = min(k, train_feats.shape[0])
-    correct = torch.zeros((), dtype=torch.long, device=test_feats.device)
-    for i in range(0, test_feats.shape[0], chunk):
-        sim, idx = (test_feats[i:i + chunk] @ train_feats.T).topk(k, dim=1)
-        w = (sim / T).exp()
-        scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        scores.scatter_add_(1, train_labels[idx], w)
-        correct += (scores.argmax(1) == test_labels[i:i + chunk]).sum()
-    return 100.0 * float(correct) / max(test_feats.shape[0], 1)
+    """Top-1 accuracy (in %) of the weighted k-NN classifier (``engine.features.knn_classify`` for one k)."""
+    from ..engine.features import knn_classify
+
+    return knn_classify(train_feats, train_labels, test_feats, test_labels, (k,), T, num_classes, chunk)[
+        min(k, train_feats.shape[0])]["top1"]
 
 
-@torch.no_grad()
 def extract_features(backbone: nn.Module, loader, device: torch.device, token: str = "cls",
                      autocast: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[CLS] (``token='cls'``), [CLS+] (``'cls+'``) or both concatenated (``'both'``) after the final norm."""
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    for x, y in loader:
-        with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
-            t = backbone.forward_features(x.to(device, non_blocking=True))
-        f = {"cls": t[:, 0], "cls+": t[:, 1], "both": t[:, :2].flatten(1)}[token]
-        feats.append(f.float())
-        labels.append(y.to(device))
-    backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    """[CLS] (``token='cls'``), [CLS+] (``'cls+'``) or both concatenated (``'both'``) after the final norm, on
+    ``device`` (``engine.features.extract``)."""
+    from ..engine.features import extract
+
+    return extract(backbone, loader, device, token=token, autocast=autocast, to_cpu=False)
 
 
 # ================================================================================================================
 # data sets for the loop
-
-def digits_images(size: int = 32) -> tuple[list, np.ndarray]:
-    """scikit-learn's embedded 8x8 digits as ``size`` x ``size`` RGB PIL images (no download), and labels."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    imgs = [Image.fromarray((x * (255.0 / 16.0)).astype(np.uint8)).resize((size, size), Image.BICUBIC).convert("RGB")
-            for x in d.images]
-    return imgs, d.target.astype(np.int64)
-
-
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, images, labels, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = self.images[i]
-        return (self.transform(img) if self.transform else img), int(self.labels[i])
-
-
-class _FolderDataset(torch.utils.data.Dataset):
-    """ImageFolder that skips unreadable images (warned once each) instead of crashing the run."""
-
-    def __init__(self, root: Path, transform=None):
-        from torchvision.datasets import ImageFolder
-
-        if not root.is_dir():
-            raise FileNotFoundError(f"UDI data folder not found: {root} (expected data_dir/<split>/<class>/*.jpg)")
-        self.ds = ImageFolder(str(root))
-        self.transform = transform
-        self.bad: set[int] = set()
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        for j in range(len(self.ds)):
-            idx = (i + j) % len(self.ds)
-            path, label = self.ds.samples[idx]
-            try:
-                with Image.open(path) as im:
-                    img = im.convert("RGB")
-                return (self.transform(img) if self.transform else img), label
-            except Exception as e:  # corrupt image: warn, use the next one
-                if idx not in self.bad:
-                    self.bad.add(idx)
-                    _logger.warning("skipping unreadable image %s (%s)", path, e)
-        raise RuntimeError("no readable image in the data set")
-
 
 class _SSLDataset(torch.utils.data.Dataset):
     """Wraps a labelled data set: each item is the UDI views of one image, a pure function of
@@ -966,7 +894,12 @@ class _SSLDataset(torch.utils.data.Dataset):
 
 
 def _build_data(cfg: UDIConfig, patch_size: int):
+    """(pretraining set, k-NN train set, k-NN val set or None, number of classes) through ``data.build_dataset``:
+    the embedded digits use the library's fixed train/val split (val images are never pretrained on), folders and
+    LMDBs skip corrupt images."""
     from torchvision import transforms as T
+
+    from ..data.datasets import build_dataset, check_data_dir
 
     aug = UDIAugmentation.from_config(cfg, patch_size)
     crop_pct = 1.0 if cfg.dataset == "digits" else 0.875
@@ -975,35 +908,33 @@ def _build_data(cfg: UDIConfig, patch_size: int):
         T.CenterCrop(cfg.global_size), T.ToTensor(),
         T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ])
-    if cfg.dataset == "digits":
-        imgs, labels = digits_images(cfg.global_size)
-        perm = np.random.RandomState(0).permutation(len(imgs))
-        n_val = int(round(len(imgs) * cfg.val_fraction))
-        tr, va = perm[n_val:], perm[:n_val]
-        base = _ListDataset([imgs[i] for i in tr], labels[tr])
-        knn_train = _ListDataset([imgs[i] for i in tr], labels[tr], eval_tf)
-        knn_val = _ListDataset([imgs[i] for i in va], labels[va], eval_tf)
-        num_classes = 10
-    elif cfg.dataset == "folder":
-        if not cfg.data_dir:
-            raise ValueError("dataset 'folder' needs data_dir (a folder with train/ and val/ class folders).")
-        root = Path(cfg.data_dir)
-        base = _FolderDataset(root / cfg.train_split)
-        knn_train = _FolderDataset(root / cfg.train_split, eval_tf)
-        val_root = root / cfg.val_split
-        knn_val = _FolderDataset(val_root, eval_tf) if val_root.is_dir() else None
-        num_classes = len(base.ds.classes)
-    else:
-        raise ValueError(f"unknown UDI dataset {cfg.dataset!r}: use 'folder' (data_dir/train, data_dir/val) or 'digits'.")
+    if cfg.dataset != "digits" and not cfg.data_dir:
+        raise ValueError(f"dataset {cfg.dataset!r} needs data_dir (a folder with {cfg.train_split}/ and "
+                         f"{cfg.val_split}/), or use dataset digits.")
 
-    def subset(ds, n):
-        if ds is None or len(ds) <= n:
+    def split(name, transform):
+        return build_dataset(cfg.dataset, cfg.data_dir, name, transform, img_size=cfg.global_size)
+
+    base = split(cfg.train_split, None)
+    knn_train = split(cfg.train_split, eval_tf)
+    has_val = cfg.dataset == "digits"
+    if not has_val:
+        try:
+            check_data_dir(cfg.data_dir, cfg.val_split, cfg.dataset)
+            has_val = True
+        except (FileNotFoundError, ValueError):
+            _logger.warning("no %s split in %s: the online k-NN is skipped", cfg.val_split, cfg.data_dir)
+    knn_val = split(cfg.val_split, eval_tf) if has_val else None
+    num_classes = len(base.classes)
+
+    def subset(ds, n, seed):
+        if ds is None or n is None or len(ds) <= n:
             return ds
-        idx = np.random.RandomState(1).choice(len(ds), n, replace=False)
+        idx = np.random.RandomState(seed).choice(len(ds), n, replace=False)
         return torch.utils.data.Subset(ds, sorted(idx.tolist()))
 
-    return (_SSLDataset(base, aug, cfg.seed), subset(knn_train, cfg.knn_max_train), subset(knn_val, cfg.knn_max_val),
-            num_classes)
+    return (_SSLDataset(subset(base, cfg.max_train_images, 0), aug, cfg.seed),
+            subset(knn_train, cfg.knn_max_train, 1), subset(knn_val, cfg.knn_max_val, 1), num_classes)
 
 
 def _epoch_batches(n: int, batch: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
@@ -1180,8 +1111,10 @@ def pretrain(cfg: UDIConfig, out_dir: str | os.PathLike, resume: bool = False, d
         if start_step >= n_iter:
             start_epoch, start_step = start_epoch + 1, 0
 
+    workers = min(cfg.workers, os.cpu_count() or 1)  # more processes than cores only thrash
+
     def loader_for(ds, bs):
-        return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False, num_workers=cfg.workers,
+        return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers,
                                            pin_memory=device.type == "cuda")
 
     def knn_eval() -> float | None:
@@ -1209,7 +1142,7 @@ def pretrain(cfg: UDIConfig, out_dir: str | os.PathLike, resume: bool = False, d
         first = start_step if epoch == start_epoch else 0
         # own generator: creating a DataLoader iterator draws a seed from the global RNG, which would shift the
         # drop-path masks of a resumed run (the restored RNG state is taken after that draw)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[first:], num_workers=cfg.workers,
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[first:], num_workers=workers,
                                              pin_memory=device.type == "cuda",
                                              generator=torch.Generator().manual_seed(cfg.seed + epoch))
         sums: dict[str, torch.Tensor] = {}

@@ -1,0 +1,89 @@
+"""``visionzoo finetune``: supervised fine-tuning of pretrained weights, for any model of the library.
+
+It is ``visionzoo train`` with the pretrained weights as ``initial_checkpoint`` and fine-tuning defaults under the
+recipe and flags. Without ``--recipe`` the defaults are the optimisation values of UDI's (BEiT) fine-tuning
+protocol (spec udi.md section 7): AdamW, absolute peak lr 1e-3 (not batch-scaled), layer-wise lr decay 0.55,
+weight decay 0.05, min lr 1e-6, drop path 0.1, mixup 0.8 / cutmix 1.0, label smoothing 0.1, RandAugment
+rand-m9-mstd0.5-inc1, color jitter 0.4, random erasing 0.25, classifier init scaled by 0.001; the schedule length
+(epochs, warmup) comes from the TrainConfig defaults or your flags. The ImageNet recipe with the README's
+200 epochs is ``udi/finetune_vit_small`` (and ``_1gpu``).
+
+``--checkpoint`` takes a weights file (ours or official: UDI/DINO checkpoints load their teacher backbone), a
+folder written by ``save_pretrained`` (``best/``, ``last/`` of a training run), or a ``visionzoo pretrain`` run
+folder (its ``teacher_backbone.safetensors``). A checkpoint without a classifier keeps the new one.
+
+torch is imported only inside ``run``, so ``visionzoo --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+FINETUNE_DEFAULTS = dict(
+    opt="adamw", lr=1e-3, layer_decay=0.55, weight_decay=0.05, opt_eps=1e-8, min_lr=1e-6, warmup_lr=1e-6,
+    drop_path=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=0.1, aa="rand-m9-mstd0.5-inc1",
+    color_jitter=0.4, reprob=0.25, train_interpolation="bicubic", head_init_scale=0.001,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import _add_config_flags
+    from .config import TrainConfig
+
+    parser.description = ("Fine-tune pretrained weights. Values come from the fine-tuning defaults (or --recipe), "
+                          "then the flags, then --set key=value.")
+    parser.add_argument("data", nargs="?", default=None, help="dataset root with train/ and val/ (folders or LMDB)")
+    parser.add_argument("--checkpoint", required=True, metavar="W",
+                        help="pretrained weights: file, save_pretrained folder, or `visionzoo pretrain` run folder")
+    parser.add_argument("--recipe", "-r", default=None,
+                        help="fine-tuning recipe (e.g. udi/finetune_vit_small); default: the built-in defaults")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
+    parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. layer_decay=0.65")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    _add_config_flags(parser, TrainConfig)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A weights file from a file, a save_pretrained folder or a pretrain run folder (clear error otherwise)."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "teacher_backbone.safetensors"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"{path} holds neither model.safetensors (a saved model) nor "
+                                f"teacher_backbone.safetensors (a `visionzoo pretrain` run): pass a weights file.")
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def build_config(args):
+    from ..cli import _config_overrides
+    from .config import TrainConfig, apply_overrides, config_from_dict, load_config
+
+    overrides = _config_overrides(args, TrainConfig)
+    if args.data is not None:
+        overrides.setdefault("data_dir", args.data)
+        overrides.setdefault("dataset", "auto")
+    overrides = apply_overrides(overrides, args.set or [])
+    if args.recipe:
+        cfg = load_config(args.recipe, overrides)
+    else:
+        cfg = config_from_dict(apply_overrides(FINETUNE_DEFAULTS, overrides))
+    cfg.initial_checkpoint = resolve_checkpoint(args.checkpoint)
+    if cfg.experiment is None:
+        import time
+
+        cfg.experiment = f"finetune-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def run(args) -> int:
+    cfg = build_config(args)
+    from .train import train
+
+    summary = train(cfg, resume=args.resume, device=args.device)
+    best = summary.get("best_top1")
+    print(f"fine-tuned {cfg.model} from {cfg.initial_checkpoint}: best val top-1 "
+          + ("n/a" if best is None or best < 0 else f"{best:.2f}%"))
+    print(f"run directory: {summary['run_dir']}")
+    return 0

@@ -1,0 +1,168 @@
+"""``visionzoo knn``: weighted k-NN classification on frozen features (DINO protocol), for any model.
+
+Features of the train split form the memory bank; each val image takes the k nearest by cosine similarity and
+votes with weight exp(sim / T) (T = 0.07). Reported: top-1 / top-5 for every k (10, 20, 100, 200 by default;
+DINO's headline is k = 20). The model runs in eval mode with its own eval transform (resize by ``crop_pct``,
+center crop, its mean/std). Works for ViTs (``--token cls``, ``cls+``, ``both``) and for any other model
+(``--token pooled``: the model's pooled pre-logits feature); ``auto`` picks ``cls`` for class-token ViTs.
+
+This module also holds the options and the model/data setup shared with ``visionzoo linear``.
+torch is imported only inside functions, so ``visionzoo --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+TOKENS = ("auto", "cls", "cls+", "both", "pooled")  # same as engine.features.TOKENS (kept torch-free here)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=None, metavar="NAME",
+                        help="timm/visionzoo model name (may be omitted when --checkpoint is a saved model folder)")
+    parser.add_argument("--checkpoint", default=None, metavar="W",
+                        help="weights: a .safetensors/.pth file (ours or official, e.g. a UDI checkpoint: the "
+                             "teacher is used), a folder written by save_pretrained, or a `visionzoo pretrain` run "
+                             "folder (its teacher_backbone.safetensors); default: random init")
+    parser.add_argument("--data", required=True, metavar="ROOT",
+                        help="'digits' (embedded), or a root holding train/ and val/ (ImageFolder or LMDB)")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--val-split", default="val")
+    parser.add_argument("--token", choices=TOKENS, default="auto",
+                        help="feature: [CLS], [CLS+], both, or the pooled pre-logits feature (default: auto)")
+    parser.add_argument("--img-size", type=int, default=None, help="eval input size (default: the model's)")
+    parser.add_argument("--batch-size", "-b", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write results (CSV + JSON) into DIR")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    add_common_arguments(parser)
+    parser.add_argument("--nb-knn", "-k", type=int, nargs="+", default=[10, 20, 100, 200], metavar="K",
+                        help="numbers of neighbours (default: 10 20 100 200)")
+    parser.add_argument("--temperature", "-T", type=float, default=0.07, help="vote temperature (default: 0.07)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup shared with `visionzoo linear`
+
+def check_data(args) -> None:
+    """Fail before any model is built, naming the missing folder."""
+    if args.data == "digits":
+        return
+    from ..data.datasets import check_data_dir
+
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"data folder not found: {args.data} (pass a root holding "
+                                f"{args.train_split}/ and {args.val_split}/, or 'digits')")
+    for split in (args.train_split, args.val_split):
+        check_data_dir(args.data, split)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(model_name: str | None, checkpoint: str | None, num_classes: int = 0):
+    """A model for feature extraction or fine-tuning, from a name and/or weights (see ``--checkpoint``)."""
+    import visionzoo
+    from ..models import load_pretrained
+
+    if checkpoint and os.path.isdir(checkpoint):
+        if os.path.isfile(os.path.join(checkpoint, "config.json")) and \
+                os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+            if model_name is None:
+                return load_pretrained(checkpoint, num_classes=num_classes)
+            checkpoint = os.path.join(checkpoint, "model.safetensors")
+        elif os.path.isfile(os.path.join(checkpoint, "teacher_backbone.safetensors")):
+            checkpoint = os.path.join(checkpoint, "teacher_backbone.safetensors")
+        else:
+            raise FileNotFoundError(f"{checkpoint} is a folder without model.safetensors + config.json (a saved "
+                                    f"model) or teacher_backbone.safetensors (a pretrain run): pass a weights file.")
+    elif checkpoint and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if model_name is None:
+        raise ValueError("--model is needed unless --checkpoint is a folder written by save_pretrained "
+                         "(config.json + model.safetensors).")
+    return visionzoo.create_model(model_name, checkpoint_path=checkpoint, num_classes=num_classes)
+
+
+def eval_datasets(args, model, splits=None, transform=None):
+    """{split: dataset} with the model's eval transform (or ``transform``) at ``args.img_size``."""
+    from ..data.datasets import build_dataset
+    from ..data.transforms import build_eval_transform
+
+    img_size = args.img_size or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    transform = transform or build_eval_transform(model, img_size=img_size)
+    kind = "digits" if args.data == "digits" else "auto"
+    splits = splits or (args.train_split, args.val_split)
+    return {s: build_dataset(kind, args.data, s, transform, img_size=img_size) for s in splits}
+
+
+def loader(dataset, args, shuffle: bool = False, drop_last: bool = False, seed: int = 0):
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=drop_last,
+                                       num_workers=args.workers, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+
+def write_results(out: str | None, name: str, rows: list[dict], summary: dict) -> None:
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp = os.path.join(out, f"{name}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(out, f"{name}.json"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def knn_eval(model, args, device) -> dict:
+    """{"token": ..., "results": {k: {"top1", "top5"}}, "num_train", "num_val", "feature_dim"}."""
+    from .features import extract, knn_classify, resolve_token
+
+    token = resolve_token(model, args.token)
+    data = eval_datasets(args, model)
+    (ftr, ytr), (fva, yva) = (extract(model, loader(data[s], args), device, token)
+                              for s in (args.train_split, args.val_split))
+    num_classes = len(getattr(data[args.train_split], "classes", [])) or None
+    results = knn_classify(ftr.to(device), ytr, fva, yva, args.nb_knn, args.temperature, num_classes)
+    return {"token": token, "results": results, "num_train": len(ytr), "num_val": len(yva),
+            "feature_dim": int(ftr.shape[1])}
+
+
+def run(args) -> int:
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if min(args.nb_knn) < 1:
+        raise ValueError(f"--nb-knn values must be >= 1, got {args.nb_knn}")
+    check_data(args)
+    device = resolve_device(args.device)
+    model = load_model(args.model, args.checkpoint).to(device).eval()
+    res = knn_eval(model, args, device)
+    name = args.model or model.pretrained_cfg.get("architecture", "model")
+    print(f"k-NN on {args.data} ({res['num_train']} train / {res['num_val']} val, token {res['token']}, "
+          f"{res['feature_dim']}-d, T={args.temperature}) for {name}"
+          + (f" from {args.checkpoint}" if args.checkpoint else " (random init)"))
+    rows = []
+    for k, r in res["results"].items():
+        print(f"  {k:>4}-NN  top-1 {r['top1']:6.2f}%  top-5 {r['top5']:6.2f}%")
+        rows.append({"model": name, "checkpoint": args.checkpoint or "", "token": res["token"], "k": k,
+                     "top1": round(r["top1"], 4), "top5": round(r["top5"], 4)})
+    write_results(args.out, "knn", rows, {**res, "model": name, "checkpoint": args.checkpoint,
+                                          "temperature": args.temperature})
+    return 0
