@@ -19,10 +19,29 @@ copies of the paper do not show every detail, so parts of the protocol are RECON
   classes of the mean squared distance of the L2-normalised features to their class mean (= d_within), and
   ``variability_deg`` = arccos(1 - d_within) in degrees, the spec's best guess for the paper's "Variability"
   column.
+* Angles between classes (spec section 5 point 5, the poster's "Angles between classes" heat maps), from the
+  model's trained classifier (``--angles``, on by default; skipped for a model without a trained classifier):
+  - GCR head: class i is the span of its k orthonormal basis vectors S_i; the k principal angles between classes
+    i and j are ``arccos(sigma_m(S_i^T S_j))`` in degrees, ascending (one batched SVD over all pairs). The heat
+    map shows the smallest one (``--angle-stat min``, default; ``mean`` / ``max`` also offered): the poster shows
+    the smallest, 4th and largest for k = 8.
+  - softmax (linear) classifier: class i is its weight vector w_i and the angle is ``arccos(cos(w_i, w_j))`` in
+    [0, 180] degrees, as the poster's vector panels. It is not the [0, 90] principal angle between the lines
+    the vectors span: a softmax logit w.x changes sign with w, a GCR k = 1 logit |w.x| does not, so GCR k = 1
+    classes are lines (principal angle in [0, 90]) while softmax classes are directions.
+  [reconstructed] the poster's colour range is 70-110 degrees; ours is 0-90 (subspaces) or 0-180 (vectors) so
+  all models share one scale; the summary statistics (mean / min / max over class pairs, mean angle to the
+  nearest other class) are ours.
 
-Not done: the principal-angle heat maps between class subspaces (spec section 5 point 5).
+Checkpoints: a weights file (ours or official) is loaded into the backbone built with ``num_classes=0``; its
+classifier tensors are kept aside for the angles (so a checkpoint trained on any number of classes loads). A folder
+written by ``visionzoo train`` (``RUN_DIR`` or ``RUN_DIR/last``, holding ``config.json``) is rebuilt with its own
+model arguments (e.g. a GCR ``dim``) and preprocessing (e.g. 32x32 input).
 
-Output: ``OUT/transfer.csv`` (one row per model and dataset) and ``OUT/transfer_<dataset>.png`` (bar plots).
+Output: ``OUT/transfer.csv`` (one row per model and dataset), ``OUT/transfer_<dataset>.png`` (bar plots) and, per
+model with a classifier, ``OUT/principal_angles_<tag>.png`` (heat map), ``.csv`` (the C x C matrix shown) and
+``.npy`` (all angles, C x C x k), with one summary row per model in ``OUT/principal_angles.csv``. ``<tag>`` is the
+model name, with ``-<position>`` appended when the same name is given twice.
 """
 from __future__ import annotations
 
@@ -34,6 +53,9 @@ import os
 CSV_COLUMNS = ["model", "checkpoint", "dataset", "num_classes", "num_train", "num_val", "feature_dim",
                "classifier", "best_C", "top1", "r2", "intra_class_var", "variability_deg"]
 DEFAULT_C_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]
+ANGLE_STATS = ("min", "mean", "max")
+ANGLE_COLUMNS = ["model", "checkpoint", "tag", "kind", "num_classes", "dim", "stat", "mean_deg", "min_deg", "max_deg",
+                 "nearest_mean_deg"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                         help="subtract the mean feature before the R^2 / variability metrics (default: on)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra constructor kwargs for every --model (e.g. dim=4 for a GCR weights file)")
+    parser.add_argument("--angles", action=argparse.BooleanOptionalAction, default=True,
+                        help="heat map of the angles between the classes of each model's trained classifier "
+                             "(default: on; skipped for models without one)")
+    parser.add_argument("--angle-stat", choices=ANGLE_STATS, default="min",
+                        help="which principal angle of a pair of k-dim class subspaces the heat map shows "
+                             "(default: min, the smallest)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,6 +150,228 @@ def fit_linear_classifier(x_train, y_train, x_val, y_val, kind: str = "svm", c_g
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# angles between classes (torch, float64: arccos is ill-conditioned near 0 degrees, float32 would show ~0.03 deg
+# between identical subspaces)
+
+def principal_angles(a, b=None, max_elems: int = 1 << 24):
+    """Principal angles in degrees between the column spans of ``a[i]`` and ``b[j]``: ``(Ka, Kb, min(ka, kb))``.
+
+    ``a`` is ``(Ka, n, ka)`` (``b`` is ``(Kb, n, kb)``, default ``a``), one basis per class; the bases need not be
+    orthonormal (they are orthonormalised by QR, which keeps their spans). Angles are ascending along the last axis:
+    ``arccos`` of the singular values of ``Q_i^T Q_j``, clamped to [0, 1], from one batched SVD over all pairs (in
+    chunks of rows so that ``Ka * Kb * ka * kb`` stays below ``max_elems``: 1000 classes of k = 32 would need 8 GB).
+    """
+    import torch
+
+    a = torch.as_tensor(a).detach().to(torch.float64)
+    b = a if b is None else torch.as_tensor(b).detach().to(torch.float64)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"principal_angles expects bases of shape (classes, n, k) with the same n, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    qa = torch.linalg.qr(a).Q
+    qb = qa if b is a else torch.linalg.qr(b).Q
+    rows = max(1, max_elems // max(1, qb.shape[0] * qa.shape[-1] * qb.shape[-1]))
+    sv = torch.cat([torch.linalg.svdvals(torch.einsum("inp,jnq->ijpq", qa[s:s + rows], qb))
+                    for s in range(0, qa.shape[0], rows)])  # descending, so the angles come out ascending
+    return torch.rad2deg(torch.arccos(sv.clamp(0.0, 1.0)))
+
+
+def vector_angles(w):
+    """Angles in degrees, in [0, 180], between the rows of ``w`` (K, n): the softmax classes' weight vectors."""
+    import torch
+    import torch.nn.functional as F
+
+    u = F.normalize(torch.as_tensor(w).detach().to(torch.float64).flatten(1), dim=1)
+    return torch.rad2deg(torch.arccos((u @ u.T).clamp(-1.0, 1.0)))
+
+
+def class_angle_matrix(bases, kind: str = "subspace", stat: str = "min"):
+    """``(matrix (K, K), angles (K, K, k))`` in degrees (numpy) for class ``bases`` (K, n, k).
+
+    ``kind='subspace'``: principal angles, ``matrix`` is their ``stat`` (min / mean / max) per pair.
+    ``kind='vector'`` (k = 1, softmax weights): the angle between the vectors, in [0, 180]. The diagonal is 0.
+    """
+    if stat not in ANGLE_STATS:
+        raise ValueError(f"unknown angle stat {stat!r}; choose one of {', '.join(ANGLE_STATS)}")
+    if kind == "vector":
+        full = vector_angles(bases[..., 0] if bases.ndim == 3 else bases)[..., None]
+    elif kind == "subspace":
+        full = principal_angles(bases)
+    else:
+        raise ValueError(f"unknown class representation kind {kind!r}; use 'subspace' or 'vector'")
+    mat = {"min": full[..., 0], "mean": full.mean(-1), "max": full[..., -1]}[stat].clone()
+    mat.fill_diagonal_(0.0)  # a class against itself: exactly 0 (rounding would give ~1e-6 deg)
+    return mat.numpy(), full.numpy()
+
+
+def angle_summary(matrix) -> dict:
+    """Mean / min / max of the angles over pairs of distinct classes, and the mean angle to the nearest class."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=np.float64)
+    k = m.shape[0]
+    if k < 2:
+        raise ValueError(f"angle summary needs at least 2 classes, got {k}")
+    off = m[~np.eye(k, dtype=bool)].reshape(k, k - 1)
+    return {"mean_deg": float(off.mean()), "min_deg": float(off.min()), "max_deg": float(off.max()),
+            "nearest_mean_deg": float(off.min(1).mean())}
+
+
+def class_representation(model, classifier: dict | None = None):
+    """``(bases (K, n, k), kind)`` of the model's trained classifier, or None when it has none.
+
+    GCR models (a ``GrassmannHead``, or a ``GrassmannClassifier`` whose head weight was set aside in
+    ``classifier``) give their k-dim subspaces (kind 'subspace'); a linear classifier gives its weight rows
+    (kind 'vector', k = 1). ``classifier`` holds ``weight`` (and ``bias``) read from a weights file.
+    """
+    from torch import nn
+
+    from ..models.grassmann import GrassmannClassifier, grassmann_heads
+
+    heads = grassmann_heads(model)
+    if heads:
+        return heads[-1][1].subspaces().detach(), "subspace"
+    w = (classifier or {}).get("weight")
+    if w is None:
+        clf = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if isinstance(clf, (nn.Linear, nn.Conv2d)) and getattr(model, "num_classes", 1) > 0:
+            w = clf.weight
+    if w is None:
+        return None
+    w = w.detach().flatten(1)  # (K, n); a 1x1-conv classifier flattens to the same
+    if isinstance(model, GrassmannClassifier):
+        dim = int(model.dim)
+        if w.shape[0] % dim:
+            raise ValueError(f"GCR head weight has {w.shape[0]} rows, not a multiple of the model's subspace dim "
+                             f"{dim}; pass --model-kwargs dim=K_DIM (rows = classes x dim)")
+        return w.view(-1, dim, w.shape[1]).transpose(1, 2), "subspace"
+    return w[:, :, None], "vector"
+
+
+def plot_angle_heatmap(matrix, path: str, title: str, label: str, vmax: float = 90.0) -> None:
+    """C x C heat map of ``matrix`` (degrees) with a colour bar, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(matrix)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    im = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(label, fontsize=9)
+    if k <= 30:
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
+        ax.tick_params(labelsize=7)
+    ax.set_xlabel("class j")
+    ax.set_ylabel("class i")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_class_angles(model, classifier, out: str, tag: str, stat: str = "min", title: str | None = None):
+    """Heat map + CSV + NPY of the angles between the classes of ``model``; returns the summary row or None."""
+    import numpy as np
+
+    rep = class_representation(model, classifier)
+    if rep is None:
+        return None
+    bases, kind = rep
+    matrix, full = class_angle_matrix(bases, kind, stat)
+    stat_used = stat if kind == "subspace" else "vector"
+    base = os.path.join(out, f"principal_angles_{tag}")
+    np.save(base + ".npy", full.astype(np.float32))
+    np.savetxt(base + ".csv", matrix, delimiter=",", fmt="%.4f")
+    dim = int(bases.shape[-1])
+    if kind == "subspace":
+        label = f"{ {'min': 'smallest', 'mean': 'mean', 'max': 'largest'}[stat]} principal angle (deg)"
+        what = f"{dim}-dim class subspaces"
+    else:
+        label, what = "angle between weight vectors (deg)", "class weight vectors (softmax)"
+    vmax = 90.0 if kind == "subspace" else 180.0
+    plot_angle_heatmap(matrix, base + ".png", title or f"{tag}: {what}", label, vmax=vmax)
+    return dict(tag=tag, kind=kind, num_classes=len(matrix), dim=dim, stat=stat_used,
+                **{k: round(v, 4) for k, v in angle_summary(matrix).items()})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models
+
+def _config_folder(path: str) -> str | None:
+    """The folder holding ``config.json`` for a save_pretrained folder or a ``visionzoo train`` run directory."""
+    for cand in (path, os.path.join(path, "last")):
+        if os.path.isfile(os.path.join(cand, "config.json")):
+            return cand
+    return None
+
+
+def load_frozen_model(name: str, checkpoint: str | None = None, model_kwargs: dict | None = None):
+    """``(model, classifier)``: the model in eval mode for frozen features, and the classifier tensors of a weights
+    file (``{'weight': ..., 'bias': ...}``, empty when none) set aside for :func:`class_representation`.
+
+    A folder with ``config.json`` (``visionzoo train`` run directory or its ``last/`` / ``best/``) is rebuilt with
+    its own arguments and preprocessing, classifier included; a weights file is loaded into the model built with
+    ``num_classes=0``, so checkpoints trained on any number of classes load.
+    """
+    import json
+
+    from ..models import create_model, load_pretrained
+    from ..models._registry import family_filter_fn, load_weights
+
+    kwargs = dict(model_kwargs or {})
+    folder = _config_folder(checkpoint) if checkpoint and os.path.isdir(checkpoint) else None
+    if folder is not None:
+        with open(os.path.join(folder, "config.json")) as f:
+            arch = json.load(f).get("architecture")
+        if arch and arch != name:
+            raise ValueError(f"checkpoint {checkpoint} holds a '{arch}' model (its config.json), not '{name}': "
+                             f"pass --model {arch}")
+        return load_pretrained(folder, **kwargs).eval(), {}
+    model = create_model(name, num_classes=0, **kwargs)
+    classifier: dict = {}
+    if checkpoint:
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or []
+        names = [names] if isinstance(names, str) else list(names)
+        family = family_filter_fn(model)
+
+        def pop_classifier(sd):
+            for suffix in ("weight", "bias"):
+                for n in names:
+                    if f"{n}.{suffix}" in sd:  # the first classifier is kept (distilled models have two)
+                        classifier.setdefault(suffix, sd.pop(f"{n}.{suffix}"))
+
+        def keep_classifier_aside(sd, m):
+            pop_classifier(sd)  # our own keys: nothing else to convert
+            own = m.state_dict()
+            if family is not None and not all(k in own for k in sd):  # an official checkpoint
+                sd = family(sd, m)
+                pop_classifier(sd)
+            return sd
+
+        load_weights(model, checkpoint, filter_fn=keep_classifier_aside)
+    return model.eval(), classifier
+
+
+def _model_tags(names) -> list[str]:
+    """File-name tags: the model name, plus ``-<position>`` (1-based) where a name is repeated."""
+    return [n if names.count(n) == 1 else f"{n}-{i + 1}" for i, n in enumerate(names)]
+
+
+def _parse_kwargs(items) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--model-kwargs entry {item!r} must look like KEY=VALUE (e.g. dim=4)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def _dataset_name(spec: str) -> str:
     return "digits" if spec == "digits" else os.path.basename(os.path.normpath(spec)) or spec
@@ -140,21 +392,15 @@ def _check_datasets(specs) -> None:
 
 
 def _extract(model, dataset, batch_size, workers, device):
+    """Pooled pre-logits features as numpy arrays (``engine.features.extract`` with ``token='pooled'``)."""
     import numpy as np
     import torch
 
+    from .features import extract
+
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    feats, labels = [], []
-    with torch.no_grad():
-        for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
-                f = model.forward_head(model.forward_features(x), pre_logits=True)
-            else:
-                f = model(x)
-            feats.append(f.flatten(1).float().cpu())
-            labels.append(torch.as_tensor(y))
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64)
+    feats, labels = extract(model, loader, device, token="pooled")
+    return feats.numpy(), labels.numpy().astype(np.int64)
 
 
 def _plot(rows, dataset: str, path: str) -> None:
@@ -189,20 +435,32 @@ def run(args) -> int:
         raise ValueError(f"--datasets have repeated names {names}; give each root a distinct folder name")
     if any(c <= 0 for c in args.c_grid):
         raise ValueError(f"--c-grid values must be > 0, got {args.c_grid}")
+    model_kwargs = _parse_kwargs(getattr(args, "model_kwargs", None))
     _check_datasets(args.datasets)
 
     import numpy as np
     import torch
 
-    import visionzoo
     from ..data.datasets import build_dataset
     from ..data.transforms import build_eval_transform
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     os.makedirs(args.out, exist_ok=True)
-    rows = []
-    for model_name, ckpt in zip(args.model, checkpoints):
-        model = visionzoo.create_model(model_name, checkpoint_path=ckpt, num_classes=0).to(device).eval()
+    rows, angle_rows = [], []
+    for model_name, ckpt, tag in zip(args.model, checkpoints, _model_tags(list(args.model))):
+        model, classifier = load_frozen_model(model_name, ckpt, model_kwargs)
+        model.to(device)
+        if getattr(args, "angles", True):
+            summary = write_class_angles(model, classifier, args.out, tag, getattr(args, "angle_stat", "min"))
+            if summary is None:
+                print(f"{tag}: no trained classifier (give a checkpoint that has one): no class angles")
+            else:
+                angle_rows.append(dict(model=model_name, checkpoint=ckpt or "", **summary))
+                what = (f"{summary['dim']}-dim subspaces, {summary['stat']} principal angle"
+                        if summary["kind"] == "subspace" else "weight vectors")
+                print(f"{tag}: angles between {summary['num_classes']} classes ({what}): "
+                      f"mean {summary['mean_deg']:.1f}, min {summary['min_deg']:.1f}, "
+                      f"nearest {summary['nearest_mean_deg']:.1f} deg", flush=True)
         transform = build_eval_transform(model, img_size=args.img_size)
         img_size = args.img_size or int(model.pretrained_cfg.get("input_size", (3, 32, 32))[-1])
         for spec, name in zip(args.datasets, names):
@@ -225,11 +483,17 @@ def run(args) -> int:
                   f"variability {sep['variability_deg']:.2f} deg", flush=True)
 
     csv_path = os.path.join(args.out, "transfer.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(csv_path, CSV_COLUMNS, rows)
     for name in names:
         _plot([r for r in rows if r["dataset"] == name], name, os.path.join(args.out, f"transfer_{name}.png"))
-    print(f"wrote {csv_path} and {len(names)} plot(s) in {args.out}")
+    if angle_rows:
+        _write_csv(os.path.join(args.out, "principal_angles.csv"), ANGLE_COLUMNS, angle_rows)
+    print(f"wrote {csv_path}, {len(names)} plot(s) and {len(angle_rows)} angle heat map(s) in {args.out}")
     return 0
+
+
+def _write_csv(path: str, columns, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
