@@ -163,3 +163,45 @@ def test_ddp_two_processes_identical_weights(tmp_path):
     for k in w0:
         torch.testing.assert_close(w0[k], w1[k], atol=0, rtol=0)
     assert (tmp_path / "ddp" / "last" / "model.safetensors").exists()
+
+
+def test_repeated_augmentation_sampler_spreads_copies_over_ranks():
+    ranks = [ResumableSampler(1000, True, seed=1, rank=r, world_size=3, repeats=3) for r in range(3)]
+    for s in ranks:
+        s.set_epoch(2)
+    seqs = [list(s) for s in ranks]
+    assert all(len(q) == len(s) == 768 // 3 for q, s in zip(seqs, ranks))  # 1000 rounded down to 256s, per rank
+    assert seqs[0] == seqs[1] == seqs[2]  # the 3 copies of an image are on 3 ranks (augmented independently)
+    assert len(set(seqs[0])) == len(seqs[0])
+    one = ResumableSampler(1000, True, seed=1, repeats=3)
+    one.set_epoch(2)
+    order = list(one)
+    assert order[0] == order[1] == order[2] != order[3] and len(order) == 768
+    one.set_epoch(2, start=5)  # resumes part-way like the plain sampler
+    assert list(one) == order[5:]
+
+
+def test_warmup_prefix_keeps_run_length():
+    from visionzoo.engine.train import build_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    lrs = {}
+    for prefix in (False, True):
+        opt = torch.optim.SGD([p], lr=1.0)
+        cfg = TrainConfig(epochs=10, warmup_epochs=2, warmup_lr=0.0, min_lr=0.0, warmup_prefix=prefix)
+        sched = build_scheduler(cfg, opt, steps_per_epoch=10)
+        lrs[prefix] = [sched._get_lr(t)[0] for t in range(101)]
+    assert lrs[True][20] == pytest.approx(1.0)  # the full peak right after warm-up (mmengine)
+    assert lrs[False][20] < 0.97  # timm's overlay: the cosine has already decayed
+    assert lrs[True][100] == pytest.approx(0.0, abs=1e-9) and lrs[True][60] == pytest.approx(0.5)
+
+
+def test_eval_img_size_fixres(tmp_path):
+    cfg = tiny_cfg(tmp_path, img_size=24, eval_img_size=32, epochs=1, max_steps=2, model_ema=False, experiment="fixres")
+    summary = train(cfg, device="cpu")
+    import json
+
+    saved = json.load(open(Path(summary["run_dir"]) / "last" / "config.json"))
+    assert saved["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    with pytest.raises(ValueError, match="cannot take 30x30"):
+        train(tiny_cfg(tmp_path, model="coc_test", eval_img_size=30, max_steps=1, experiment="bad"), device="cpu")

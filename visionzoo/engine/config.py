@@ -30,6 +30,7 @@ class TrainConfig:
     val_split: str = "val"
     num_classes: int | None = None  # None: taken from the dataset
     img_size: int | None = None  # None: the model's default input size
+    eval_img_size: int | None = None  # validation input size (FixRes: train small, test larger); None: img_size
     # schedule
     epochs: int = 10
     batch_size: int = 64  # per process
@@ -49,6 +50,7 @@ class TrainConfig:
     sched: str = "cosine"  # cosine | step | none  (updated every optimizer step)
     warmup_epochs: float = 0
     warmup_lr: float = 1e-6
+    warmup_prefix: bool = False  # True: warm-up, then the decay over the remaining epochs (mmengine); False: overlay
     min_lr: float = 1e-6
     decay_epochs: float = 30  # for step
     decay_rate: float = 0.1
@@ -83,6 +85,8 @@ class TrainConfig:
     channels_last: bool = False
     torchcompile: str | None = None
     workers: int = 2
+    sync_bn: bool = False  # SyncBatchNorm across processes (DDP only)
+    aug_repeats: int = 0  # repeated augmentation (DeiT/RSB RepeatAugSampler): each image this many times per epoch
     # run control
     seed: int = 0
     output: str = "runs"

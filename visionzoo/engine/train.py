@@ -66,10 +66,16 @@ class SeededDataset(Dataset):
 class ResumableSampler(Sampler):
     """Per-epoch seeded permutation, sharded across ranks, that can start part-way through an epoch."""
 
-    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, repeats: int = 0):
         self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
+        self.repeats = max(int(repeats), 1)
         self.epoch, self.start = 0, 0
         self.per_rank = size // world_size  # drop the tail so every rank sees the same number of samples
+        if self.repeats > 1 and size >= 256:
+            # repeated augmentation (timm's RepeatAugSampler): each image `repeats` times in a row, dealt
+            # round-robin so its copies land on different ranks; an epoch keeps about `size` samples, rounded
+            # down to a multiple of 256 as timm does
+            self.per_rank = size // 256 * 256 // world_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -80,7 +86,9 @@ class ResumableSampler(Sampler):
             order = torch.randperm(self.size, generator=g)
         else:
             order = torch.arange(self.size)
-        mine = order[: self.per_rank * self.world_size][self.rank:: self.world_size]
+        if self.repeats > 1:
+            order = order.repeat_interleave(self.repeats)
+        mine = order[self.rank:: self.world_size][: self.per_rank]
         return iter(mine[self.start:].tolist())
 
     def __len__(self) -> int:
@@ -135,10 +143,14 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 
     if cfg.sched in ("none", None):
         return None
+    # timm's warmup_prefix runs the whole decay AFTER the warm-up; mmengine's LinearLR + CosineAnnealing(begin=w)
+    # decays over the remaining epochs, so the decay gets epochs - warmup_epochs to keep the run length
+    decay_epochs = cfg.epochs - cfg.warmup_epochs if cfg.warmup_prefix else cfg.epochs
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+        optimizer, sched=cfg.sched, num_epochs=decay_epochs, decay_epochs=cfg.decay_epochs,
         decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
-        warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+        warmup_epochs=cfg.warmup_epochs, warmup_prefix=cfg.warmup_prefix, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
     )
     return scheduler
 
@@ -244,7 +256,10 @@ def train(
     seed_everything(_mix_seed(cfg.seed, 11))  # model initialisation
     model = build_model(cfg, num_classes)
     img_size = cfg.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    eval_size = cfg.eval_img_size or img_size
     check_input_size(model, img_size)
+    if eval_size != img_size:
+        check_input_size(model, eval_size)
     from timm.data import resolve_data_config
 
     data_cfg = resolve_data_config(model=model)
@@ -253,13 +268,14 @@ def train(
                                      color_jitter=cfg.color_jitter, interpolation=cfg.train_interpolation,
                                      mean=data_cfg["mean"], std=data_cfg["std"],
                                      scale=tuple(cfg.scale) if cfg.scale else (0.08, 1.0), hflip=cfg.hflip)
-    eval_tf = build_eval_transform(model=model, img_size=img_size, crop_pct=data_cfg["crop_pct"])
+    eval_tf = build_eval_transform(model=model, img_size=eval_size, crop_pct=data_cfg["crop_pct"])
     train_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, transform=train_tf)
     val_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, transform=eval_tf)
 
     lr = cfg.resolved_lr(info.world_size)
     per_step = cfg.batch_size * cfg.grad_accum_steps
-    steps_per_epoch = (len(train_set) // info.world_size) // per_step
+    sampler = ResumableSampler(len(train_set), True, cfg.seed, info.rank, info.world_size, cfg.aug_repeats)
+    steps_per_epoch = sampler.per_rank // per_step
     if steps_per_epoch == 0:
         raise ValueError(f"The training set ({len(train_set)} images over {info.world_size} processes) is smaller "
                          f"than one step (batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}).")
@@ -299,6 +315,12 @@ def train(
             "steps_per_epoch": steps_per_epoch, "num_classes": num_classes, "img_size": img_size})
 
     train_model = model
+    if info.distributed and cfg.sync_bn:
+        if dev.type != "cuda":
+            raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): set sync_bn=false.")
+        from timm.layers import convert_sync_batchnorm
+
+        train_model = model = convert_sync_batchnorm(model)  # also converts timm's BatchNormAct2d
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -306,7 +328,6 @@ def train(
         train_model = torch.compile(train_model, mode=None if cfg.torchcompile == "default" else cfg.torchcompile)
 
     seeded_train = SeededDataset(train_set, cfg.seed)
-    sampler = ResumableSampler(len(train_set), True, cfg.seed, info.rank, info.world_size)
     if info.distributed:  # every rank evaluates its own slice; counts are summed
         val_idx = list(range(info.rank, len(val_set), info.world_size))
         val_set_local = torch.utils.data.Subset(val_set, val_idx)
@@ -317,7 +338,7 @@ def train(
 
     metrics = MetricsWriter(run_dir, enabled=info.is_main)
     n_nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
-    data_cfg_saved = {"input_size": (3, img_size, img_size), "crop_pct": data_cfg["crop_pct"],
+    data_cfg_saved = {"input_size": (3, eval_size, eval_size), "crop_pct": data_cfg["crop_pct"],
                       "mean": data_cfg["mean"], "std": data_cfg["std"], "interpolation": data_cfg["interpolation"]}
 
     def check_finite(where: str) -> None:
