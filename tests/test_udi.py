@@ -96,3 +96,12 @@ def test_pretrain_unknown_key(tmp_path, capsys):
     assert "knn_evry (did you mean knn_every" in capsys.readouterr().err
     assert main(["pretrain", "--output", str(tmp_path), "--set", "epochs"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_pretrain_profile_reports_loader_and_step(capsys):
+    assert main(["pretrain", "--profile", "2", "--batch-size", "16"] + TINY) == 0
+    out = capsys.readouterr().out
+    import re
+
+    m = re.search(r"loader ([\d.]+) img/s .* train step ([\d.]+) img/s over 2 batches", out)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue exactly from the state in --output")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--profile", type=int, default=None, metavar="N",
+                        help="do not train: time N loader batches and N train steps and print both img/s")
     for name, (flag, typ, help_text) in _FLAGS.items():
         parser.add_argument(flag, dest=f"cfg_{name}", type=typ, default=None, metavar=name.upper(), help=help_text)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -70,6 +72,14 @@ def run(args) -> int:
     if args.method not in METHODS:  # argparse checks too; kept for programmatic callers
         raise ValueError(f"unknown pretraining method {args.method!r}; available: {', '.join(METHODS)}.")
     cfg = build_config(args)
+    if args.profile is not None:
+        from .udi import profile_pretrain
+
+        r = profile_pretrain(cfg, args.profile, device=args.device)
+        print(f"UDI {cfg.model} batch {r['batch_size']} on {r['device']}: loader {r['loader_img_s']:.1f} img/s "
+              f"({r['workers']} workers), train step {r['step_img_s']:.1f} img/s over {r['steps']} batches -> the "
+              + ("loader keeps up" if r["loader_img_s"] >= r["step_img_s"] else "loader is the bottleneck"))
+        return 0
     from .udi import pretrain
 
     summary = pretrain(cfg, args.output, resume=args.resume, device=args.device, progress=args.progress)

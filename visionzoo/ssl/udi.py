@@ -22,7 +22,8 @@ Public API (what ``visionzoo pretrain --method udi`` wires):
   ``forward(crops, maps, epoch) -> (loss, parts)`` and ``update_teacher(momentum)``;
 * ``cosine_schedule``, ``build_schedules``, ``param_groups``, ``clip_gradients_per_tensor``, ``train_step``;
 * ``knn_accuracy`` (weighted k-NN, T = 0.07), ``extract_features``;
-* ``pretrain(cfg, out_dir, resume=False)``: the whole loop (CPU or GPU, DDP when WORLD_SIZE is set).
+* ``pretrain(cfg, out_dir, resume=False)``: the whole loop (CPU or GPU, DDP when WORLD_SIZE is set);
+* ``profile_pretrain(cfg, steps)``: loader img/s against step img/s (``visionzoo pretrain --profile N``).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "UDIConfig", "UDIAugmentation", "sampling_mask", "create_maps", "DINOHead", "SRSModule", "UDINetwork",
     "UDILoss", "UDI", "cosine_schedule", "build_schedules", "param_groups", "clip_gradients_per_tensor",
-    "train_step", "knn_accuracy", "extract_features", "pretrain", "network_checkpoint_filter",
+    "train_step", "knn_accuracy", "extract_features", "pretrain", "profile_pretrain", "network_checkpoint_filter",
 ]
 
 
@@ -1063,6 +1064,48 @@ def build_udi(cfg: UDIConfig, device: torch.device | str = "cpu") -> UDI:
 def _dist_env() -> tuple[int, int, int]:
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     return ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def profile_pretrain(cfg: UDIConfig, steps: int = 10, device: str | None = None) -> dict:
+    """Loader img/s (the augmentation pipeline alone, ``cfg.workers`` processes) and step img/s (``train_step`` on
+    one batch held on the device) over ``steps`` batches each: whether the data pipeline keeps up with training.
+    Returns ``{"loader_img_s", "step_img_s", "batch_size", "workers", "device"}``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    udi = build_udi(cfg, device)
+    train_set, *_ = _build_data(cfg, udi.student.backbone.patch_embed.patch_size[0])
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, generator=torch.Generator().manual_seed(cfg.seed))
+    if len(loader) < 2:
+        raise ValueError(f"profiling needs at least 2 batches of {cfg.batch_size}: lower batch_size.")
+    steps = min(steps, len(loader) - 1)
+    batches = iter(loader)
+    first = next(batches)  # worker start-up is not counted
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    loader_s = time.perf_counter() - t0
+    crops, src, tgt = first
+    crops = [c.to(device) for c in crops]
+    maps = ([m.to(device) for m in src], [m.to(device) for m in tgt])
+    optimizer = torch.optim.AdamW(param_groups(udi.student))
+    schedules = build_schedules(cfg, max(steps + 1, 2))
+    use_amp = cfg.amp and device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and dtype == torch.float16 else None
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=use_amp)
+    train_step(udi, optimizer, crops, maps, 0, 0, schedules, scaler, autocast)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        train_step(udi, optimizer, crops, maps, i, 0, schedules, scaler, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    step_s = time.perf_counter() - t0
+    n = steps * cfg.batch_size
+    return {"loader_img_s": n / loader_s, "step_img_s": n / step_s, "batch_size": cfg.batch_size,
+            "workers": workers, "device": str(device), "steps": steps}
 
 
 def pretrain(cfg: UDIConfig, out_dir: str | os.PathLike, resume: bool = False, device: str | None = None,
