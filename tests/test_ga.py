@@ -1,4 +1,5 @@
-"""GA (Gramian attention heads): behaviour tests and a plain per-head oracle for the batched heads."""
+"""GA (Gramian attention heads): behaviour tests; the batched heads are checked against the per-head
+reference path (``head_impl='reference'``), which is itself checked against the official fixtures."""
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 import visionzoo  # noqa: F401
 from visionzoo.models.gramian import (
-    GALoss, GramianNet, PerHeadCSWinBlocks, StackedConvNeXtBlock, checkpoint_filter_fn, stage3_capture_blocks)
+    GALoss, GramianNet, checkpoint_filter_fn, stage3_capture_blocks)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ga"
 torch.set_num_threads(1)
@@ -43,60 +44,6 @@ def _randomize(model, seed=0):
     return model
 
 
-def _shuffle_official(x, groups):  # official GA channel shuffle on (B, C, 1, 1)
-    B, C = x.shape[:2]
-    return x.reshape(B, C // groups, groups, 1, 1).permute(0, 2, 1, 3, 4).reshape(B, C, 1, 1)
-
-
-def reference_heads(heads, X, train=False):
-    """Plain per-head GA heads written from the official code's structure (one head after the other).
-
-    Reads head k's weights out of our stacked parameters; returns (K, B, C)."""
-    K, g, D, E, h = heads.num_branches, heads.gram_dim, heads.dim, heads.attn_dim, heads.attn_heads
-    Gc, Ge, Gm = heads.contraction_groups, heads.embed.groups, heads.mlp_groups
-
-    def bn(x, m, sl):
-        rm, rv = m.running_mean[sl].clone(), m.running_var[sl].clone()
-        return F.batch_norm(x, rm, rv, m.weight[sl], m.bias[sl], train, 0.1, m.eps)
-
-    outs = []
-    B, _, H, W = X.shape
-    T = X.flatten(2).transpose(1, 2)
-    for k in range(K):
-        sg = slice(k * g, (k + 1) * g)
-        wc = heads.contraction.weight.reshape(Gc, K, g // Gc, D // Gc)[:, k].reshape(g, D // Gc, 1, 1)
-        bc = heads.contraction.bias.reshape(Gc, K, g // Gc)[:, k].reshape(g)
-        y = bn(F.conv2d(X, wc, bc, groups=Gc), heads.contraction_bn, sg)
-        gl = heads.gram_layer
-        if isinstance(gl, StackedConvNeXtBlock):
-            z = F.conv2d(y, gl.conv_dw.weight[sg], gl.conv_dw.bias[sg], padding=3, groups=g).permute(0, 2, 3, 1)
-            z = F.layer_norm(z, (g,), gl.norm.weight[k], gl.norm.bias[k], 1e-6)
-            z = F.linear(F.gelu(F.linear(z, gl.fc1.weight[k], gl.fc1.bias[k])), gl.fc2.weight[k], gl.fc2.bias[k])
-            y = y + (z * gl.gamma[k]).permute(0, 3, 1, 2)
-        elif isinstance(gl, PerHeadCSWinBlocks):
-            y = gl.blocks[k](y.flatten(2).transpose(1, 2), H, W).transpose(1, 2).reshape(B, g, H, W)
-        y = (y / H).reshape(B, g, H * W)
-        gram = y @ y.transpose(1, 2) / (H * W)
-        idx = [i * g + j for i in range(g) for j in range(g) if j >= i]
-        v = F.normalize(gram.reshape(B, g * g)[:, idx])
-        c = F.conv2d(v[:, :, None, None], heads.embed.weight[k][..., None, None], heads.embed.bias[k], groups=Ge)
-        c = bn(c.flatten(1), heads.embed_bn, slice(k * D, (k + 1) * D))
-        u = F.layer_norm(torch.cat([c[:, None], T], 1), (D,), heads.norm1.weight[k], heads.norm1.bias[k], 1e-5)
-        q = (u[:, :1] @ heads.attn_q.weight[k].T).reshape(B, 1, h, E // h).transpose(1, 2)
-        kk = (u @ heads.attn_k.weight[k].T).reshape(B, -1, h, E // h).transpose(1, 2)
-        vv = (u @ heads.attn_v.weight[k].T).reshape(B, -1, h, E // h).transpose(1, 2)
-        a = ((q * (E // h) ** -0.5) @ kk.transpose(-1, -2)).softmax(-1) @ vv
-        a = a.transpose(1, 2).reshape(B, E) @ heads.attn_proj.weight[k].T + heads.attn_proj.bias[k]
-        c = c + heads.gamma_1[k] * a
-        m = F.layer_norm(c, (D,), heads.norm2.weight[k], heads.norm2.bias[k], 1e-5)[:, :, None, None]
-        m = F.gelu(F.conv2d(m, heads.mlp_fc1.weight[k][..., None, None], heads.mlp_fc1.bias[k], groups=Gm))
-        m = F.conv2d(_shuffle_official(m, Gm), heads.mlp_fc2.weight[k][..., None, None], heads.mlp_fc2.bias[k],
-                     groups=Gm).flatten(1)
-        c = c + heads.gamma_2[k] * m
-        outs.append(c @ heads.fc.weight[k].T + heads.fc.bias[k])
-    return torch.stack(outs)
-
-
 def _small(**kw):
     args = dict(backbone='convnext', backbone_args=dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32)), num_classes=7,
                 stage3_naggre=1, gram_dim=16, attn_dim=16, num_branches=3, img_size=32)
@@ -111,9 +58,23 @@ CSWIN_SMALL = dict(backbone='cswin', img_size=64, backbone_args=dict(
     gram_dim=48, attn_dim=8)
 
 
+def _heads_run(model, X, impl, weight):
+    """Per-head outputs, gradients of every parameter (and of X) and buffers after one step with ``impl``."""
+    model.heads.head_impl = impl
+    model.zero_grad(set_to_none=True)
+    X = X.clone().requires_grad_()
+    out = model.forward_heads(X)
+    (out * weight).sum().backward()
+    grads = {n: p.grad for n, p in model.heads.named_parameters()}
+    grads['X'] = X.grad
+    return out.detach(), grads, {n: b.clone() for n, b in model.heads.named_buffers()}
+
+
 @pytest.mark.parametrize("kind", ["convnext", "cswin", "no_gram_layer"])
 @pytest.mark.parametrize("train", [False, True])
-def test_batched_heads_match_per_head_oracle(kind, train):
+def test_batched_heads_match_per_head_reference(kind, train):
+    """head_impl='batched' (stacked weights, folded class attention) == 'reference' (one head after the other,
+    the official structure) on the same weights: outputs, every gradient and the BatchNorm updates."""
     if kind == "cswin":
         model, size = _small(**CSWIN_SMALL), 64
     else:
@@ -123,10 +84,42 @@ def test_batched_heads_match_per_head_oracle(kind, train):
     model.train(train)
     with torch.no_grad():
         X = model.forward_features(x)
-        ours = model.forward_heads(X)
-        ref = reference_heads(model.heads, X, train=train)
-    assert ours.shape == (3, 3, 7)
-    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+    weight = torch.randn(3, 3, 7, generator=torch.Generator().manual_seed(3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out_b, grads_b, bufs_b = _heads_run(model, X, 'batched', weight)
+    model.load_state_dict(state)
+    out_r, grads_r, bufs_r = _heads_run(model, X, 'reference', weight)
+    assert out_b.shape == (3, 3, 7)
+    torch.testing.assert_close(out_b, out_r, atol=2e-5, rtol=1e-4)
+    assert grads_b.keys() == grads_r.keys()
+    for n in grads_b:
+        scale = grads_r[n].abs().max().item() + 1e-12
+        if train and n in ('contraction.bias', 'embed.bias'):
+            # a bias right before a train-mode BatchNorm has a zero gradient: both sides are rounding noise
+            wscale = grads_r[n.replace('bias', 'weight')].abs().max().item()
+            assert max(scale, grads_b[n].abs().max().item()) < 1e-2 * wscale, n
+            continue
+        torch.testing.assert_close(grads_b[n], grads_r[n], atol=1e-4 * scale, rtol=1e-3, msg=f"grad of {n}")
+    for n in bufs_b:
+        torch.testing.assert_close(bufs_b[n], bufs_r[n], atol=1e-6, rtol=1e-5, msg=f"buffer {n}")
+    if train:  # the train step really moved the statistics (the comparison above is not vacuous)
+        assert not torch.equal(bufs_r['embed_bn.running_mean'], state['heads.embed_bn.running_mean'])
+        assert bufs_r['embed_bn.num_batches_tracked'] == state['heads.embed_bn.num_batches_tracked'] + 1
+
+
+def test_head_impl_option():
+    model = timm.create_model('ga_test', num_classes=5, head_impl='reference').eval()
+    assert model.heads.head_impl == 'reference'
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        model.heads.head_impl = 'batched'
+        torch.testing.assert_close(model(x), ref, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="head_impl"):
+        timm.create_model('ga_test', head_impl='looped')
+    model.heads.head_impl = 'loop'
+    with pytest.raises(ValueError, match="head_impl must be 'batched'"):
+        model(x)
 
 
 def test_train_returns_heads_eval_returns_sum():
@@ -249,7 +242,8 @@ def test_checkpoint_filter_passes_our_own_dicts_and_unwraps():
 
 @pytest.mark.skipif(not (FIXTURES / "cswin_eval.safetensors").exists(), reason="shared fixtures not present")
 @pytest.mark.parametrize("case", ["convnext_eval", "cswin_eval"])
-def test_official_checkpoint_loads_through_create_model(tmp_path, case):
+@pytest.mark.parametrize("head_impl", ["batched", "reference"])
+def test_official_checkpoint_loads_through_create_model(tmp_path, case, head_impl):
     from safetensors.torch import load_file, save_file
     from visionzoo.testing.families.ga import model_kwargs
     import json
@@ -257,7 +251,7 @@ def test_official_checkpoint_loads_through_create_model(tmp_path, case):
     t = load_file(str(FIXTURES / f"{case}.safetensors"))
     state = {'module.' + k[6:]: v for k, v in t.items() if k.startswith('state.')}  # DDP-style prefix
     torch.save({'state_dict': state}, tmp_path / "official.pth")
-    model = GramianNet(**model_kwargs(meta['official_class'], meta['official_kwargs']))
+    model = GramianNet(**model_kwargs(meta['official_class'], meta['official_kwargs']), head_impl=head_impl)
     visionzoo.load_weights(model, tmp_path / "official.pth")
     with torch.no_grad():
         out = model.eval().forward_heads(model.forward_features(t['input']))
@@ -282,3 +276,13 @@ def test_features_only_and_export():
     assert [t.shape[1] for t in feats] == f.feature_info.channels() == [8, 16, 24, 32]
     model = timm.create_model('ga_test').eval()
     torch.export.export(model, (torch.randn(2, 3, 32, 32),))
+
+
+def test_autocast_bf16_train_step():
+    """The batched heads' custom backward (few-row products) works under autocast, as the AMP recipes train."""
+    model = timm.create_model('ga_test', num_classes=10).train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 32, 32))
+    GALoss()(out, torch.tensor([1, 2, 3, 4])).backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), n

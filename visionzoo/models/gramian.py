@@ -8,11 +8,13 @@ stride-16 grid and concatenated; a "stage 5" block fuses them into X (B, D, h, w
 Train mode returns the per-head logits stacked as a tensor (K, B, C); eval mode returns their sum (B, C), as the
 official validate() does. ``GALoss`` is the official objective (per-head BCE + lam * decorrelation term).
 
-Speed: the K heads are computed together (spec section 6): one grouped conv for the K contractions, grouped
-convs / batched matmuls for the gram layers, one bmm for the K Gram matrices, batched matmuls for the
-embeddings, one GEMM for the K key/value projections of the shared tokens (each head's LayerNorm affine is
-folded into its projection) and one SDPA call for the K class attentions. Parameters are therefore stored
-stacked over heads; ``checkpoint_filter_fn`` stacks the official per-head tensors.
+Speed: the K heads are computed together (spec section 6): one grouped conv for the K contractions, batched
+matmuls for the gram layers (LayerNorm affine and layer scale folded into the MLP weights), one bmm for the K Gram
+matrices, batched matmuls for the embeddings, and a class attention whose key/value projections of the shared
+tokens are folded into the (single) query and the output (see ``GramianHeads.class_tokens``). Parameters are
+therefore stored stacked over heads; ``checkpoint_filter_fn`` stacks the official per-head tensors.
+``head_impl='reference'`` runs the same parameters one head after the other, as the official code (the tests'
+oracle and the speed baseline).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, LayerNorm2d, create_attn, trunc_normal_
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, create_attn, drop_path, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtStage
@@ -197,6 +199,27 @@ class CSWinFusion(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 # the K heads, stacked
 
+class _FewRowsMatmul(torch.autograd.Function):
+    """W (n, out, in) @ x(n, M, in)^T -> (n, out, M), for few rows M and large weights (the Gram embedding is
+    8M entries, the classifiers 3.4M). Plain autograd of this product is slow on CPU both ways round: as
+    x @ W^T the weight gradient comes out transposed and AccumulateGrad copies it into the weight's layout;
+    as W @ x^T the input gradient is W^T @ g, a GEMM orientation that runs ~5x slower than (g^T @ W).
+    This backward computes both gradients as g @ x and g^T @ W: each in its operand's own layout."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, x)
+        return torch.bmm(w, x.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        w, x = ctx.saved_tensors
+        # under autocast the forward ran in the low precision (g's dtype); the engine casts the grads back
+        gw = torch.bmm(g, x.to(g.dtype)) if ctx.needs_input_grad[0] else None
+        gx = torch.bmm(g.transpose(1, 2), w.to(g.dtype)) if ctx.needs_input_grad[1] else None
+        return gw, gx
+
+
 class StackedLinear(nn.Module):
     """K independent (optionally grouped) linear maps applied to (K, M, in) -> (K, M, out) with one bmm.
 
@@ -215,6 +238,12 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, M, G = x.shape[0], x.shape[1], self.groups
+        if M < self.in_features // G:  # few rows (class tokens): see _FewRowsMatmul
+            xg = x if G == 1 else x.reshape(n, M, G, -1).transpose(1, 2).reshape(n * G, M, -1)
+            y = _FewRowsMatmul.apply(self.weight.reshape(n * G, self.out_features // G, -1), xg)
+            if self.bias is not None:
+                y = y + self.bias.reshape(n * G, -1, 1)
+            return y.reshape(n, self.out_features, M).transpose(1, 2)
         if G == 1:
             w = self.weight.transpose(1, 2)
             return torch.baddbmm(self.bias.unsqueeze(1), x, w) if self.bias is not None else torch.bmm(x, w)
@@ -267,9 +296,25 @@ class StackedConvNeXtBlock(nn.Module):
         B, _, H, W = x.shape
         K, g = self.n, self.dim
         y = self.conv_dw(x).reshape(B, K, g, H * W).permute(1, 0, 3, 2).reshape(K, B * H * W, g)
-        y = self.fc2(F.gelu(self.fc1(self.norm(y)))) * self.gamma.unsqueeze(1)
+        y = F.layer_norm(y, (g,), eps=self.norm.eps)
+        # head k's LN affine is folded into its fc1 and its layer scale into its fc2 (exact; saves three
+        # elementwise passes over the activations, forward and backward)
+        w1 = self.fc1.weight * self.norm.weight.unsqueeze(1)  # (K, 4g, g)
+        b1 = self.fc1.bias + torch.bmm(self.fc1.weight, self.norm.bias.unsqueeze(2)).squeeze(2)
+        y = F.gelu(torch.baddbmm(b1.unsqueeze(1), y, w1.transpose(1, 2)))
+        w2 = self.fc2.weight * self.gamma.unsqueeze(2)  # (K, g, 4g)
+        y = torch.baddbmm((self.fc2.bias * self.gamma).unsqueeze(1), y, w2.transpose(1, 2))
         y = _drop_path_heads(y.reshape(K, B, H * W, g), self.drop_path, self.training)
-        return x + y.permute(1, 0, 3, 2).reshape(B, K * g, H, W)
+        return (x.reshape(B, K, g, H * W) + y.permute(1, 0, 3, 2)).reshape(B, K * g, H, W)
+
+    def forward_one(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Head k's block alone on (B, g, H, W), written like timm's ConvNeXtBlock (the per-head reference)."""
+        g = self.dim
+        sl = slice(k * g, (k + 1) * g)
+        y = F.conv2d(x, self.conv_dw.weight[sl], self.conv_dw.bias[sl], padding=3, groups=g).permute(0, 2, 3, 1)
+        y = F.layer_norm(y, (g,), self.norm.weight[k], self.norm.bias[k], self.norm.eps)
+        y = F.linear(F.gelu(F.linear(y, self.fc1.weight[k], self.fc1.bias[k])), self.fc2.weight[k], self.fc2.bias[k])
+        return x + drop_path((y * self.gamma[k]).permute(0, 3, 1, 2), self.drop_path, self.training)
 
 
 class PerHeadCSWinBlocks(nn.Module):
@@ -287,6 +332,11 @@ class PerHeadCSWinBlocks(nn.Module):
         out = [blk(xs[:, k], H, W) for k, blk in enumerate(self.blocks)]
         return torch.stack(out, 1).transpose(2, 3).reshape(B, self.n * self.dim, H, W)
 
+    def forward_one(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Head k's block alone on (B, g, H, W)."""
+        B, g, H, W = x.shape
+        return self.blocks[k](x.flatten(2).transpose(1, 2), H, W).transpose(1, 2).reshape(B, g, H, W)
+
 
 class GramianHeads(nn.Module):
     """K Gramian-attention heads on a fused map X (B, D, h, w), computed together.
@@ -298,7 +348,7 @@ class GramianHeads(nn.Module):
                  attn_dim: Optional[int] = None, attn_heads: int = 8, contraction_groups: int = 1,
                  embed_groups: int = 8, mlp_groups: int = 4, gram_layer: Optional[str] = 'convnext',
                  gram_layer_args: Optional[dict] = None, ca_init_value: float = 1e-4, drop_path: float = 0.,
-                 gram_precision: str = 'fp32'):
+                 gram_precision: str = 'fp32', head_impl: str = 'batched'):
         super().__init__()
         K, D, g = num_branches, dim, gram_dim
         E = attn_dim or D // 4
@@ -313,6 +363,7 @@ class GramianHeads(nn.Module):
         self.num_branches, self.dim, self.gram_dim, self.attn_dim, self.attn_heads = K, D, g, E, attn_heads
         self.contraction_groups, self.num_classes = contraction_groups, num_classes
         self.gram_precision = gram_precision
+        self.head_impl = _check_head_impl(head_impl)
         # K contractions as ONE grouped conv; output channels are group-major (group, head, g/G) so that each
         # group reads its input slice; reordered to head-major right after.
         self.contraction = nn.Conv2d(D, K * g, 1, groups=contraction_groups)
@@ -357,45 +408,63 @@ class GramianHeads(nn.Module):
         y = self.contraction(x).reshape(B, G, K, g // G, H, W).transpose(1, 2).reshape(B, K * g, H, W)
         return self.gram_layer(self.contraction_bn(y))
 
+    def _gram_dtype(self, batch_size: int) -> torch.dtype:
+        if self.gram_precision == 'fp64' or (self.gram_precision == 'official' and self.training and batch_size < 128):
+            return torch.float64
+        return torch.float32
+
     def gram_vector(self, y: torch.Tensor) -> torch.Tensor:
         """(B, K*g, H, W) -> (K, B, g(g+1)/2): upper triangle (row-major, with diagonal), L2-normalised."""
         B, _, H, W = y.shape
         K, g = self.num_branches, self.gram_dim
-        dtype = torch.float32
-        if self.gram_precision == 'fp64' or (self.gram_precision == 'official' and self.training and B < 128):
-            dtype = torch.float64
         with torch.autocast(device_type=y.device.type, enabled=False):
-            # /H and /N as the official code (the scale cancels in the normalisation; it keeps fp16 finite)
-            y = (y.to(dtype) / H).reshape(B * K, g, H * W)
-            gram = torch.bmm(y, y.transpose(1, 2)) / (H * W)
+            # The official /H and /(H*W) scales are left out: they cancel in the normalisation (they only
+            # keep fp16 finite, and this runs in fp32/fp64).
+            y = y.to(self._gram_dtype(B)).reshape(B * K, g, H * W)
+            gram = torch.bmm(y, y.transpose(1, 2))
             v = gram.reshape(B, K, g * g).index_select(2, self.triu_index)
             v = F.normalize(v, dim=2).float()
         return v.transpose(0, 1)
 
     def class_tokens(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        """One class-attention block per head. x (B, D, H, W) shared tokens; cls (K, B, D) -> (K, B, D)."""
+        """One class-attention block per head. x (B, D, H, W) shared tokens; cls (K, B, D) -> (K, B, D).
+
+        The class token is the only query, so the key and value projections of the N shared tokens (the bulk
+        of the official head's cost: 2*K*E*D per token) are folded away, exactly: with n_i the normalised
+        tokens (no affine) and head k's LayerNorm affine (w, b),
+          score_i = q . W_k (w*n_i + b) = (w * W_k^T q) . n_i + const   (const is the same for every key and
+                                                                         cancels in the softmax)
+          sum_i a_i W_v (w*n_i + b) = W_v (w * sum_i a_i n_i + b)       (the weights a_i sum to 1)
+        so each of the K*h attention heads needs one D-vector query and returns a weighted mean of the
+        shared normalised tokens: two small batched matmuls over the N tokens instead of two K*E*D GEMMs.
+        (Written out rather than with SDPA: SDPA would need the keys materialised per head, which is the
+        cost being avoided.)
+        """
         K, E, h = self.num_branches, self.attn_dim, self.attn_heads
         B, D = x.shape[:2]
-        tokens = F.layer_norm(x.flatten(2).transpose(1, 2), (D,), eps=self.norm1.eps)  # (B, N, D), affine per head
-        N = tokens.shape[1]
-        # keys/values of the shared tokens for all heads in one GEMM: head k's LN affine folded into W_k
-        wk = torch.cat([self.attn_k.weight, self.attn_v.weight], 1)  # (K, 2E, D)
-        w_fold = (wk * self.norm1.weight.unsqueeze(1)).reshape(K * 2 * E, D)
-        b_fold = torch.bmm(wk, self.norm1.bias.unsqueeze(2)).reshape(K * 2 * E)
-        kv = F.linear(tokens, w_fold, b_fold).reshape(B, N, K, 2, h, E // h).permute(3, 0, 2, 4, 1, 5)
-        c = self.norm1(cls)  # (K, B, D)
-        q = self.attn_q(c).reshape(K, B, h, 1, E // h).transpose(0, 1)
-        kc = self.attn_k(c).reshape(K, B, h, 1, E // h).transpose(0, 1)
-        vc = self.attn_v(c).reshape(K, B, h, 1, E // h).transpose(0, 1)
-        k = torch.cat([kc, kv[0]], 3)  # (B, K, h, 1+N, e)
-        v = torch.cat([vc, kv[1]], 3)
-        a = F.scaled_dot_product_attention(q, k, v).reshape(B, K, E).transpose(0, 1)  # (K, B, E)
-        cls = cls + self.gamma_1.unsqueeze(1) * self.attn_proj(a)
+        e = E // h
+        w, b = self.norm1.weight, self.norm1.bias  # (K, D)
+        tokens = F.layer_norm(x.flatten(2).transpose(1, 2), (D,), eps=self.norm1.eps)  # (B, N, D), shared
+        nc = F.layer_norm(cls, (D,), eps=self.norm1.eps)  # (K, B, D)
+        q = self.attn_q(nc * w.unsqueeze(1) + b.unsqueeze(1)).reshape(K, B, h, e)
+        wk = self.attn_k.weight.reshape(K, h, e, D)
+        wv = self.attn_v.weight.reshape(K, h, e, D)
+        qt = torch.einsum('kbhe,khed->kbhd', q * e ** -0.5, wk) * w[:, None, None]  # folded queries
+        qt = qt.permute(1, 0, 2, 3).reshape(B, K * h, D)
+        s_cls = (qt.reshape(B, K, h, D) * nc.transpose(0, 1).unsqueeze(2)).sum(-1).reshape(B, K * h, 1)
+        a = torch.cat([s_cls, torch.bmm(qt, tokens.transpose(1, 2))], 2).softmax(-1)  # (B, K*h, 1+N)
+        u = torch.baddbmm(a[:, :, :1] * nc.transpose(0, 1).repeat_interleave(h, 1), a[:, :, 1:], tokens)
+        u = u.reshape(B, K, h, D).transpose(0, 1) * w[:, None, None]  # (K, B, h, D)
+        o = torch.einsum('kbhd,khed->kbhe', u, wv) + torch.einsum('khed,kd->khe', wv, b).unsqueeze(1)
+        cls = cls + self.gamma_1.unsqueeze(1) * self.attn_proj(o.reshape(K, B, E))
         y = F.gelu(self.mlp_fc1(self.norm2(cls)))
         y = self.mlp_fc2(channel_shuffle(y, self.mlp_groups, dim=-1))
         return cls + self.gamma_2.unsqueeze(1) * y
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.head_impl != 'batched':
+            if _check_head_impl(self.head_impl) == 'reference':
+                return self.forward_reference(x, pre_logits)
         B = x.shape[0]
         v = self.gram_vector(self.contract(x))  # (K, B, L)
         cls = self.embed(v)  # (K, B, D)
@@ -404,6 +473,84 @@ class GramianHeads(nn.Module):
         if pre_logits or self.fc is None:
             return cls
         return self.fc(cls)
+
+    # -- the plain per-head reference ('reference'): the official structure, one head after the other --------
+
+    def forward_reference(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The K heads one after the other, each written like the official per-head modules (conv-shaped
+        grouped weights, the official Gram scales, K/V projections of all 1+N tokens), reading head k's slice
+        of the stacked parameters: same parameters, state dict and BatchNorm updates as the batched path.
+        The oracle of the batched path's tests and the 'per-head' speed baseline (``head_impl='reference'``)."""
+        K, g, D, E, h = self.num_branches, self.gram_dim, self.dim, self.attn_dim, self.attn_heads
+        Gc, Ge, Gm = self.contraction_groups, self.embed.groups, self.mlp_groups
+        B, _, H, W = x.shape
+        bns = (self.contraction_bn, self.embed_bn)
+        momenta = [_bn_momentum(bn) for bn in bns]  # counts the step once, as the batched path's one BN call
+        tokens = x.flatten(2).transpose(1, 2)
+        wc = self.contraction.weight.reshape(Gc, K, g // Gc, D // Gc)
+        bc = self.contraction.bias.reshape(Gc, K, g // Gc)
+        outs = []
+        for k in range(K):
+            # gram contraction: grouped 1x1 conv + BN
+            y = F.conv2d(x, wc[:, k].reshape(g, D // Gc, 1, 1), bc[:, k].reshape(g), groups=Gc)
+            y = _bn_slice(self.contraction_bn, y, slice(k * g, (k + 1) * g), momenta[0])
+            if not isinstance(self.gram_layer, nn.Identity):
+                y = self.gram_layer.forward_one(y, k)
+            # Gram matrix, upper triangle, L2 normalisation
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                yy = (y.to(self._gram_dtype(B)) / H).reshape(B, g, H * W)
+                gram = torch.bmm(yy, yy.transpose(1, 2)) / (H * W)
+                v = F.normalize(gram.reshape(B, g * g)[:, self.triu_index]).float()
+            # embedding: grouped 1x1 conv on the (B, L, 1, 1) vector + BN
+            c = F.conv2d(v[:, :, None, None], self.embed.weight[k][..., None, None], self.embed.bias[k], groups=Ge)
+            c = _bn_slice(self.embed_bn, c.flatten(1), slice(k * D, (k + 1) * D), momenta[1])
+            # class attention on [c; tokens]
+            u = F.layer_norm(torch.cat([c.unsqueeze(1), tokens], 1), (D,), self.norm1.weight[k], self.norm1.bias[k],
+                             self.norm1.eps)
+            q = F.linear(u[:, :1], self.attn_q.weight[k]).reshape(B, 1, h, E // h).transpose(1, 2)
+            kk = F.linear(u, self.attn_k.weight[k]).reshape(B, -1, h, E // h).transpose(1, 2)
+            vv = F.linear(u, self.attn_v.weight[k]).reshape(B, -1, h, E // h).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, kk, vv).transpose(1, 2).reshape(B, E)
+            c = c + self.gamma_1[k] * F.linear(a, self.attn_proj.weight[k], self.attn_proj.bias[k])
+            # grouped-conv MLP with the official channel shuffle
+            m = F.layer_norm(c, (D,), self.norm2.weight[k], self.norm2.bias[k], self.norm2.eps)[:, :, None, None]
+            m = F.gelu(F.conv2d(m, self.mlp_fc1.weight[k][..., None, None], self.mlp_fc1.bias[k], groups=Gm))
+            m = F.conv2d(channel_shuffle(m, Gm), self.mlp_fc2.weight[k][..., None, None], self.mlp_fc2.bias[k],
+                         groups=Gm)
+            c = c + self.gamma_2[k] * m.flatten(1)
+            if not (pre_logits or self.fc is None):
+                c = F.linear(c, self.fc.weight[k], self.fc.bias[k])
+            outs.append(c)
+        return torch.stack(outs)
+
+
+HEAD_IMPLS = ('batched', 'reference')
+
+
+def _check_head_impl(head_impl: str) -> str:
+    if head_impl not in HEAD_IMPLS:
+        raise ValueError(f"head_impl must be 'batched' (the K heads computed together, the default) or 'reference' "
+                         f"(one head after the other, as the official code; for tests and speed baselines); "
+                         f"got {head_impl!r}.")
+    return head_impl
+
+
+def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """nn.BatchNorm's step bookkeeping (num_batches_tracked, momentum) for one forward."""
+    if not (bn.training and bn.track_running_stats):
+        return 0.
+    bn.num_batches_tracked.add_(1)
+    return bn.momentum if bn.momentum is not None else 1. / float(bn.num_batches_tracked)
+
+
+def _bn_slice(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, sl: slice, momentum: float) -> torch.Tensor:
+    """BatchNorm over channels ``sl`` of ``bn`` (running statistics updated in place through the views)."""
+    use_batch = bn.training or bn.running_mean is None
+    rm = bn.running_mean[sl] if bn.running_mean is not None and (not bn.training or bn.track_running_stats) else None
+    rv = bn.running_var[sl] if rm is not None else None
+    w = bn.weight[sl] if bn.weight is not None else None
+    b = bn.bias[sl] if bn.bias is not None else None
+    return F.batch_norm(x, rm, rv, w, b, use_batch, momentum, bn.eps)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -415,6 +562,7 @@ class GramianNet(nn.Module):
     Output: train mode -> per-head logits stacked, shape (K, B, num_classes) (``train_output='heads'``, the
     default; ``'sum'`` returns the summed (B, C) logits in train mode too, e.g. for plain CE fine-tuning);
     eval mode -> the sum over heads (B, C). ``forward_heads(x)`` always gives (K, B, C).
+    ``head_impl``: 'batched' (default) or 'reference' (per-head loop, same parameters; see ``GramianHeads``).
     """
 
     def __init__(self, backbone: str = 'convnext', backbone_args: Optional[dict] = None, num_classes: int = 1000,
@@ -423,7 +571,7 @@ class GramianNet(nn.Module):
                  gram_dim: int = 192, attn_dim: Optional[int] = None, attn_heads: int = 8, contraction_groups: int = 1,
                  embed_groups: int = 8, mlp_groups: int = 4, gram_layer: Optional[str] = 'convnext',
                  gram_layer_args: Optional[dict] = None, drop_rate: float = 0., drop_path_rate: float = 0.,
-                 gram_precision: str = 'fp32', train_output: str = 'heads'):
+                 gram_precision: str = 'fp32', train_output: str = 'heads', head_impl: str = 'batched'):
         super().__init__()
         if train_output not in ('heads', 'sum'):
             raise ValueError(f"train_output must be 'heads' or 'sum' (got {train_output!r}).")
@@ -470,7 +618,8 @@ class GramianNet(nn.Module):
             gram_layer_args.update(reso=reso, last_stage=gram_layer_args['split_size'] >= reso)
         self.heads = GramianHeads(
             D, num_classes, num_branches, gram_dim, attn_dim, attn_heads, contraction_groups, embed_groups,
-            mlp_groups, gram_layer, gram_layer_args, drop_path=drop_path_rate, gram_precision=gram_precision)
+            mlp_groups, gram_layer, gram_layer_args, drop_path=drop_path_rate, gram_precision=gram_precision,
+            head_impl=head_impl)
         self.num_features = self.head_hidden_size = D
         self.feature_info = list(self.trunk.feature_info)
         self._init_weights(backbone)
