@@ -1,19 +1,18 @@
-"""GPViT: behaviour tests, a plain reference of the official attention formulation as an oracle, and a benchmark.
+"""GPViT: behaviour tests, and the fast path checked against the official formulation.
 
 The fixture parity (official outputs) runs in tests/test_fixtures.py; here the fast path (SDPA, (B, H, W, C) layout,
-views instead of copies) is checked against ``reference_forward`` below, a direct transcription of how the official
-code computes each block: (B, N, C) tokens, stripes cut by permute+contiguous chains, explicit softmax(q k^T) v,
-and (B, N, C) <-> (B, C, H, W) round trips around every depthwise conv.
+views instead of copies) is checked against the same model built with ``attn_impl='reference'``: a direct
+transcription of how the official code computes each block ((B, N, C) tokens, stripes cut by permute+contiguous
+chains, explicit softmax(q k^T) v, (B, N, C) <-> (B, C, H, W) round trips around every depthwise conv). That
+reference lives in visionzoo/models/gpvit.py (one copy of the oracle) and is also the benchmark baseline::
 
-Benchmark (fast vs reference, gpvit_l1 at 224, batch 8, CPU)::
-
-    python tests/test_gpvit.py --bench [--threads 1] [--batch 8] [--reps 5]
+    visionzoo benchmark -m gpvit_l1 --model-kwargs attn_impl=reference --threads 1 --device cpu --img-size 224 -b 8
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,110 +21,11 @@ import torch.nn.functional as F
 
 import timm
 import visionzoo  # noqa: F401  (registers the models)
-from visionzoo.models.gpvit import GPBlock, GPViT, LocalBlock, checkpoint_filter_fn
+from visionzoo.models.gpvit import GPViT, checkpoint_filter_fn
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gpvit"
 if not FIXTURES.exists():
     FIXTURES = Path("/work/shared/fixtures/gpvit")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reference: the official formulation, written out plainly (used as oracle and as the benchmark baseline)
-
-def _ref_heads(x, h):  # 'b n (h c) -> b h n c' with a copy, as einops.rearrange does
-    b, n, c = x.shape
-    return x.reshape(b, n, h, c // h).permute(0, 2, 1, 3).contiguous()
-
-
-def _ref_attn(q, k, v):
-    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return attn.softmax(dim=-1) @ v
-
-
-def _ref_stripe_half(q, k, v, conv, nh, H, W, mode, s):
-    """Official LePEAttention on one channel half; q/k/v (B, N, C') -> (B, N, C')."""
-    B, N, C = q.shape
-    hs, ws = (H, s) if mode == 0 else (s, W)
-
-    def windows(t):  # im2cswin: token image -> windows -> heads
-        t = t.transpose(-2, -1).contiguous().view(B, C, H, W)
-        t = t.view(B, C, H // hs, hs, W // ws, ws).permute(0, 2, 4, 3, 5, 1).contiguous().reshape(-1, hs * ws, C)
-        return t.reshape(-1, hs * ws, nh, C // nh).permute(0, 2, 1, 3).contiguous()
-
-    q, k = windows(q), windows(k)
-    t = v.transpose(-2, -1).contiguous().view(B, C, H, W)
-    t = t.view(B, C, H // hs, hs, W // ws, ws).permute(0, 2, 4, 1, 3, 5).contiguous().reshape(-1, C, hs, ws)
-    lepe = conv(t).reshape(-1, nh, C // nh, hs * ws).permute(0, 1, 3, 2).contiguous()
-    v = t.reshape(-1, nh, C // nh, hs * ws).permute(0, 1, 3, 2).contiguous()
-    attn = ((q * (C // nh) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-    x = (attn @ v + lepe).transpose(1, 2).reshape(-1, hs * ws, C)
-    x = x.view(B, H // hs, W // ws, hs, ws, -1).permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, -1)
-    return x.view(B, -1, C)
-
-
-def ref_local_block(blk: LocalBlock, x, H, W):
-    B, N, C = x.shape
-    a = blk.attn
-    qkv = a.qkv(blk.norm1(x)).reshape(B, -1, 3, C).permute(2, 0, 1, 3).contiguous()
-    halves = [
-        _ref_stripe_half(*(qkv[i, :, :, j * C // 2:(j + 1) * C // 2] for i in range(3)), a.lepe[j], a.num_heads // 2,
-                         H, W, j, a.stripe)
-        for j in range(2)
-    ]
-    x = x + blk.drop_path1(a.proj(torch.cat(halves, dim=2)))
-    x = x + blk.drop_path2(blk.mlp(blk.norm2(x)))
-    x = blk.dwconv(x.permute(0, 2, 1).contiguous().reshape(B, C, H, W))
-    return x.reshape(B, C, N).permute(0, 2, 1).contiguous()
-
-
-def ref_gp_block(blk: GPBlock, x, H, W):
-    B, N, C = x.shape
-    g = blk.group
-    q = g.norm_q(blk.group_token.expand(B, -1, -1))
-    kin = g.norm_k(x)
-    out = _ref_attn(_ref_heads(q, g.num_heads), _ref_heads(g.k_proj(kin), g.num_heads), _ref_heads(kin, g.num_heads))
-    gt = out.permute(0, 2, 1, 3).reshape(B, -1, C)
-    for layer in blk.mixer:
-        gt = gt + layer.drop_path1(layer.token_mlp(layer.norm1(gt).transpose(1, 2)).transpose(1, 2))
-        gt = gt + layer.drop_path2(layer.channel_mlp(layer.norm2(gt)))
-    u = blk.ungroup
-    qn, kn = u.norm_q(x), u.norm_k(gt)
-    wk, wv = u.kv.weight.chunk(2, dim=0)
-    bk, bv = u.kv.bias.chunk(2, dim=0)
-    a = _ref_attn(_ref_heads(u.q(qn), u.num_heads), _ref_heads(F.linear(kn, wk, bk), u.num_heads),
-                  _ref_heads(F.linear(kn, wv, bv), u.num_heads))
-    a = u.proj(a.permute(0, 2, 1, 3).reshape(B, N, C))
-    z = u.fuse(torch.cat([x, u.drop_path1(a)], dim=-1))
-    z = z + u.drop_path2(u.mlp(u.norm2(z)))
-    z = blk.dwconv(z.permute(0, 2, 1).contiguous().reshape(B, C, H, W))
-    return z.view(B, C, -1).permute(0, 2, 1).contiguous()
-
-
-def reference_forward_features(model: GPViT, img):
-    x = model.patch_embed(img)
-    B, C, H, W = x.shape
-    x = x.flatten(2).transpose(1, 2)
-    pos = model.pos_embed
-    if (H, W) != model.pos_grid:
-        gh, gw = model.pos_grid
-        pos = pos.reshape(1, gh, gw, C).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=(H, W), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
-    x = x + pos
-    for blk in model.blocks:
-        x = ref_gp_block(blk, x, H, W) if isinstance(blk, GPBlock) else ref_local_block(blk, x, H, W)
-    return model.norm(x), (H, W)
-
-
-def reference_forward(model: GPViT, img):
-    x, _ = reference_forward_features(model, img)
-    B, N, C = x.shape
-    if model.global_pool == "attn":
-        n = model.neck
-        q = _ref_heads(n.norm(n.token.expand(B, -1, -1)), n.num_heads)
-        x = _ref_attn(q, _ref_heads(n.k_proj(x), n.num_heads), _ref_heads(x, n.num_heads)).reshape(B, C)
-    else:
-        x = x.mean(1)
-    return model.head(x)
 
 
 def _randomize(model, seed=0):
@@ -154,32 +54,72 @@ def _small(**kw):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# oracle tests
+# fast path vs the official formulation (attn_impl='reference')
 
-@pytest.mark.parametrize("size,pool", [((64, 64), "attn"), ((48, 80), "avg"), ((32, 112), "attn")])
+def _with_reference(model):
+    """The same weights with attn_impl='reference'."""
+    return copy.deepcopy(model).set_attn_impl("reference")
+
+
+@pytest.mark.parametrize("size,pool", [((64, 64), "attn"), ((48, 80), "avg"), ((32, 112), "attn"), ((96, 32), "")])
 def test_fast_path_matches_reference(size, pool):
     torch.manual_seed(0)
-    model = _small(global_pool=pool)
+    model = _small(global_pool=pool, num_classes=7 if pool else 0)
+    ref = _with_reference(model)
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
-        ours, ref = model(x), reference_forward(model, x)
-        feats = model.forward_features(x)
-        ref_feats, (H, W) = reference_forward_features(model, x)
+        feats, ref_feats = model.forward_features(x), ref.forward_features(x)
+        ours, theirs = model.forward_head(feats), ref.forward_head(ref_feats)
+        inter = model.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+        ref_inter = ref.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
     assert feats.shape == (2, 48, size[0] // 8, size[1] // 8)
-    torch.testing.assert_close(feats, ref_feats.transpose(1, 2).reshape(feats.shape), atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(feats, ref_feats, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+    for a, b in zip(inter, ref_inter):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
-def test_fast_path_gradients_match_reference():
+@pytest.mark.parametrize("size,pool", [((48, 64), "attn"), ((64, 32), "avg")])
+def test_fast_path_gradients_match_reference(size, pool):
     torch.manual_seed(0)
-    model = _small().train()
-    x = torch.randn(2, 3, 48, 64)
+    model = _small(global_pool=pool).train()
+    ref = _with_reference(model).train()
+    x = torch.randn(2, 3, *size)
     model(x).square().sum().backward()
-    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    reference_forward(model, x).square().sum().backward()
+    ref(x).square().sum().backward()
+    ref_grads = dict(ref.named_parameters())
     for n, p in model.named_parameters():
-        torch.testing.assert_close(fast[n], p.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+        torch.testing.assert_close(p.grad, ref_grads[n].grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_reference_is_the_plain_formulation(monkeypatch):
+    """The reference never calls SDPA (so it is a real second formulation) and the fast path always does."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    model = _small()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        _with_reference(model)(x)
+        assert calls == []
+        model(x)
+    assert len(calls) == 2 * 2 + 2 * 2 + 1  # 2 local blocks x 2 stripe halves, 2 GP blocks x 2, the neck
+
+
+def test_attn_impl_option():
+    m = timm.create_model("gpvit_test", attn_impl="reference")
+    assert m.attn_impl == m.blocks[0].attn_impl == m.blocks[1].attn_impl == m.neck.attn_impl == "reference"
+    m.reset_classifier(3, global_pool="avg")
+    m.reset_classifier(3, global_pool="attn")  # a new neck follows the model's setting
+    assert m.neck.attn_impl == "reference"
+    assert [k for k in timm.create_model("gpvit_test").state_dict()] == \
+        [k for k in timm.create_model("gpvit_test", attn_impl="reference").state_dict()]
+    with pytest.raises(ValueError, match="attn_impl must be 'fast'.*'reference'.*got 'sdpa'"):
+        timm.create_model("gpvit_test", attn_impl="sdpa")
+    with pytest.raises(ValueError, match="attn_impl"):
+        m.set_attn_impl("math")
+    assert m.attn_impl == "reference"  # unchanged after the bad value
 
 
 def test_gp_block_has_no_shortcut_and_is_nonnegative():
@@ -309,6 +249,8 @@ def test_create_model_loads_official_checkpoint_file(tmp_path):
         num_group_heads=6, num_ungroup_heads=6, mlp_ratio=4.0, mixer_depth=2, num_classes=10).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(t["input"]), t["output"], atol=5e-5, rtol=1e-5)
+        # the reference formulation reproduces the official numbers too
+        torch.testing.assert_close(_with_reference(model)(t["input"]), t["output"], atol=5e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,62 +439,3 @@ def test_training_and_validation_read_lmdb(tmp_path):
     out = train(cfg, device="cpu")
     assert out["global_step"] == 2 and out["epochs_done"] == 1
     assert 0.0 <= out["val_top1"] <= 100.0  # validation ran on the val LMDB
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# benchmark: fast path vs the official formulation
-
-def _bench(threads=1, batch=8, reps=5, model_name="gpvit_l1", size=224):
-    import time
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = timm.create_model(model_name)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 1000, (batch,))
-    fns = {"fast": model, "reference": lambda t: reference_forward(model, t)}
-
-    def infer(f):
-        model.eval()
-        with torch.no_grad():
-            f(x)
-
-    def train(f):
-        model.train()
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(f(x), y).backward()
-
-    results = {}
-    for kind, step in (("forward (eval, no_grad)", infer), ("train step (fwd+bwd)", train)):
-        for f in fns.values():
-            step(f)  # warm-up
-        times = {k: [] for k in fns}
-        for _ in range(reps):  # interleaved, so that load from other processes hits both alike
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                step(f)
-                times[k].append(time.perf_counter() - t0)
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        results[kind] = med
-        print(f"{kind:24s} fast {med['fast']:.3f}s  reference {med['reference']:.3f}s  "
-              f"speed-up {med['reference'] / med['fast']:.2f}x  (median of {reps}, min fast {min(times['fast']):.3f}s "
-              f"ref {min(times['reference']):.3f}s)", flush=True)
-    return results
-
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser()
-    p.add_argument("--bench", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--model", default="gpvit_l1")
-    p.add_argument("--size", type=int, default=224)
-    a = p.parse_args()
-    if a.bench:
-        print(f"torch {torch.__version__}, threads {a.threads}, {a.model} @ {a.size}, batch {a.batch}")
-        _bench(a.threads, a.batch, a.reps, a.model, a.size)
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))

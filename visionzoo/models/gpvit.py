@@ -13,7 +13,9 @@ replaces x.
 
 Speed: tokens stay in a (B, H, W, C) layout between blocks, so the depthwise convs run as channels-last convs on a
 permuted view; stripes are cut with one permute (vertical) or no copy at all (horizontal); every attention goes
-through ``F.scaled_dot_product_attention``.
+through ``F.scaled_dot_product_attention``; the ungrouping output projection is folded into the concat projection
+(no concat, one GEMM less); BatchNorms are folded into their convs in eval mode. ``attn_impl='reference'`` runs the
+official formulation instead (copies, explicit softmax(q k^T) v): the oracle of the tests and the benchmark baseline.
 
 Official checkpoints (mmcls ``gpvit_l{1..4}_in1k_300e.pth``: ``state_dict`` with ``backbone.``/``neck.``/``head.``
 prefixes, or a bare backbone state dict) load through :func:`checkpoint_filter_fn`.
@@ -48,6 +50,57 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# attn_impl='reference': the official formulation, kept as an oracle for the fast path and as the benchmark
+# baseline. Tokens are (B, N, C); every einops rearrange of the official code is a materialised copy here; attention
+# is an explicit softmax(q k^T) v; the depthwise convs get (B, N, C) <-> (B, C, H, W) round trips.
+
+ATTN_IMPLS = ("fast", "reference")
+
+
+def _check_attn_impl(attn_impl: str) -> str:
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be 'fast' (SDPA, the default) or 'reference' (the official formulation, for "
+                         f"checks and benchmarks); got {attn_impl!r}")
+    return attn_impl
+
+
+def _ref_split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """'b n (h c) -> b h n c' as a copy, as einops.rearrange makes it."""
+    b, n, c = x.shape
+    return x.reshape(b, n, num_heads, c // num_heads).permute(0, 2, 1, 3).contiguous()
+
+
+def _ref_merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """'b h n c -> b n (h c)' as a copy."""
+    b, h, n, d = x.shape
+    return x.permute(0, 2, 1, 3).contiguous().reshape(b, n, h * d)
+
+
+def _ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return attn.softmax(dim=-1) @ v
+
+
+def _ref_dwconv(conv: nn.Module, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Official depthwise-conv round trip: (B, N, C) -> copy to (B, C, H, W) -> conv -> copy back to (B, N, C)."""
+    B, N, C = x.shape
+    x = conv(x.permute(0, 2, 1).contiguous().reshape(B, C, H, W))
+    return x.reshape(B, C, N).permute(0, 2, 1).contiguous()
+
+
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """conv -> BatchNorm; in eval mode the BN is folded into the conv weights (one pass over the map, not two)."""
+    if bn.training or not bn.track_running_stats:
+        return bn(conv(x))
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
 class ConvStem(nn.Module):
     """Official ``ConvPatchEmbed``: conv7x7/2 + BN + ReLU, ``num_convs`` x (conv3x3 + BN + ReLU), conv4x4/4 (bias).
 
@@ -68,9 +121,15 @@ class ConvStem(nn.Module):
                       nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*convs)  # keys convs.{3k}, convs.{3k+1} as in the official module
         self.proj = nn.Conv2d(stem_chs, embed_dim, 4, stride=4)
+        self.fold_bn = True  # False for attn_impl='reference' (the official conv -> BN -> ReLU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.convs(self.stem(x)))
+        if not self.fold_bn:
+            return self.proj(self.convs(self.stem(x)))
+        x = self.stem[2](_conv_bn(self.stem[0], self.stem[1], x))
+        for i in range(0, len(self.convs), 3):
+            x = self.convs[i + 2](_conv_bn(self.convs[i], self.convs[i + 1], x))
+        return self.proj(x)
 
 
 class StripeAttention(nn.Module):
@@ -118,6 +177,35 @@ class StripeAttention(nn.Module):
         out = torch.cat([o0, o1], dim=-1).view(B, H, W, C)
         return self.proj(out)
 
+    def _reference_half(self, q, k, v, j: int, H: int, W: int) -> torch.Tensor:
+        """Official ``LePEAttention`` (im2cswin / get_lepe / windows2img) on channel half j; q/k/v (B, N, C')."""
+        B, N, C = q.shape
+        nh, s = self.num_heads // 2, self.stripe
+        hs, ws = (H, s) if j == 0 else (s, W)
+
+        def to_img(t):  # tokens -> (B, C', H, W) copy
+            return t.transpose(-2, -1).contiguous().view(B, C, H, W)
+
+        def im2cswin(t):  # -> (windows, heads, hs*ws, C'/heads)
+            t = to_img(t).view(B, C, H // hs, hs, W // ws, ws).permute(0, 2, 4, 3, 5, 1).contiguous()
+            return t.reshape(-1, hs * ws, nh, C // nh).permute(0, 2, 1, 3).contiguous()
+
+        q, k = im2cswin(q), im2cswin(k)
+        t = to_img(v).view(B, C, H // hs, hs, W // ws, ws).permute(0, 2, 4, 1, 3, 5).contiguous().reshape(-1, C, hs, ws)
+        lepe = self.lepe[j](t).reshape(-1, nh, C // nh, hs * ws).permute(0, 1, 3, 2).contiguous()
+        v = t.reshape(-1, nh, C // nh, hs * ws).permute(0, 1, 3, 2).contiguous()
+        x = (_ref_attention(q, k, v) + lepe).transpose(1, 2).reshape(-1, hs * ws, C)
+        x = x.view(B, H // hs, W // ws, hs, ws, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, C)
+        return x.view(B, N, C)
+
+    def forward_reference(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:  # (B, N, C)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, C).permute(2, 0, 1, 3).contiguous()
+        h = C // 2
+        halves = [self._reference_half(qkv[0, ..., j * h:(j + 1) * h], qkv[1, ..., j * h:(j + 1) * h],
+                                       qkv[2, ..., j * h:(j + 1) * h], j, H, W) for j in range(2)]
+        return self.proj(torch.cat(halves, dim=2))
+
 
 class LocalBlock(nn.Module):
     """Official ``LePEAttnSimpleDWBlock``: pre-norm stripe attention, FFN, then a bias-free depthwise 3x3 conv whose
@@ -133,12 +221,21 @@ class LocalBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.attn_impl = "fast"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        if self.attn_impl == "reference":
+            B, H, W, C = x.shape
+            return self.forward_reference(x.reshape(B, H * W, C), H, W).view(B, H, W, C)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         # the permute is a channels-last view: no copy in or out of the conv
         return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def forward_reference(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:  # official, (B, N, C)
+        x = x + self.drop_path1(self.attn.forward_reference(self.norm1(x), H, W))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return _ref_dwconv(self.dwconv, x, H, W)
 
 
 class GroupingAttention(nn.Module):
@@ -207,8 +304,12 @@ class UngroupingAttention(nn.Module):
         B, M, C = g.shape
         q = _sdpa_heads(self.q(self.norm_q(x)), self.num_heads)
         kv = self.kv(self.norm_k(g)).view(B, M, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        a = self.proj(_merge_heads(F.scaled_dot_product_attention(q, kv[0], kv[1])))
-        z = self.fuse(torch.cat([x, self.drop_path1(a)], dim=-1))
+        o = _merge_heads(F.scaled_dot_product_attention(q, kv[0], kv[1]))
+        # official: fuse(cat[x, drop_path(proj(o))]). The half of fuse that reads the attention is folded into proj
+        # (exact, as drop_path scales per sample): one (N x C x C) GEMM less and no concat.
+        w_x, w_a = self.fuse.weight.split(C, dim=1)
+        a = F.linear(o, w_a @ self.proj.weight, w_a @ self.proj.bias)
+        z = F.linear(x, w_x, self.fuse.bias) + self.drop_path1(a)
         return z + self.drop_path2(self.mlp(self.norm2(z)))
 
 
@@ -226,13 +327,32 @@ class GPBlock(nn.Module):
         self.ungroup = UngroupingAttention(dim, num_ungroup_heads, mlp_ratio, qkv_bias, drop_path, proj_drop, norm_eps)
         self.dwconv = nn.Sequential(
             nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+        self.attn_impl = "fast"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         B, H, W, C = x.shape
+        if self.attn_impl == "reference":
+            return self.forward_reference(x.reshape(B, H * W, C), H, W).view(B, H, W, C)
         t = x.reshape(B, H * W, C)
         g = self.mixer(self.group(self.group_token, t))
         z = self.ungroup(t, g).view(B, H, W, C)
-        return self.dwconv(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        z = _conv_bn(self.dwconv[0], self.dwconv[1], z.permute(0, 3, 1, 2))  # channels-last view, BN folded in eval
+        return self.dwconv[2](z).permute(0, 2, 3, 1)
+
+    def forward_reference(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:  # official, (B, N, C)
+        B, N, C = x.shape
+        gr, u = self.group, self.ungroup
+        kin = gr.norm_k(x)
+        g = _ref_attention(_ref_split_heads(gr.norm_q(self.group_token).expand(B, -1, -1), gr.num_heads),
+                           _ref_split_heads(gr.k_proj(kin), gr.num_heads), _ref_split_heads(kin, gr.num_heads))
+        g = self.mixer(_ref_merge_heads(g))
+        qn, kn = u.norm_q(x), u.norm_k(g)
+        (wk, wv), (bk, bv) = u.kv.weight.chunk(2), u.kv.bias.chunk(2)  # separate k_proj / v_proj as official
+        a = _ref_attention(_ref_split_heads(u.q(qn), u.num_heads), _ref_split_heads(F.linear(kn, wk, bk), u.num_heads),
+                           _ref_split_heads(F.linear(kn, wv, bv), u.num_heads))
+        z = u.fuse(torch.cat([x, u.drop_path1(u.proj(_ref_merge_heads(a)))], dim=-1))
+        z = z + u.drop_path2(u.mlp(u.norm2(z)))
+        return _ref_dwconv(self.dwconv, z, H, W)
 
     def group_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Grouping attention weights (B, heads, M, H, W) for the block input x (B, H, W, C)."""
@@ -253,9 +373,14 @@ class AttentionPoolNeck(nn.Module):
             trunc_normal_(self.token, std=init_std)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.attn_impl = "fast"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, C)
         B, N, C = x.shape
+        if self.attn_impl == "reference":
+            q = _ref_split_heads(self.norm(self.token).expand(B, -1, -1), self.num_heads)
+            return _ref_merge_heads(_ref_attention(q, _ref_split_heads(self.k_proj(x), self.num_heads),
+                                                   _ref_split_heads(x, self.num_heads))).reshape(B, C)
         q = _sdpa_heads(self.norm(self.token), self.num_heads).expand(B, -1, -1, -1)
         o = F.scaled_dot_product_attention(q, _sdpa_heads(self.k_proj(x), self.num_heads), _sdpa_heads(x, self.num_heads))
         return o.reshape(B, C)
@@ -275,6 +400,9 @@ class GPViT(nn.Module):
         out_norms: layer indices whose returned feature map gets its own LayerNorm (the official ``out_indices``
             other than the last layer, e.g. (2, 5, 8) for segmentation).
         drop_rate: dropout before the classifier (timm convention; the official models use 0).
+        attn_impl: 'fast' (default: SDPA, (B, H, W, C) layout, views instead of copies) or 'reference' (the official
+            formulation: (B, N, C) tokens, einops-style copies, explicit softmax(q k^T) v; an oracle and benchmark
+            baseline). Same parameters and state dict; switch later with :meth:`set_attn_impl`.
     """
 
     def __init__(
@@ -304,8 +432,10 @@ class GPViT(nn.Module):
             pos_drop_rate: float = 0.0,
             proj_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            attn_impl: str = "fast",
     ):
         super().__init__()
+        _check_attn_impl(attn_impl)
         assert global_pool in ("attn", "avg", ""), f"global_pool must be 'attn', 'avg' or '', got {global_pool!r}"
         group_layers = DEFAULT_GROUP_LAYERS if group_layers is None else group_layers
         self.group_layers = {int(k): int(v) for k, v in group_layers.items()}
@@ -345,6 +475,16 @@ class GPViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+        self.set_attn_impl(attn_impl)
+
+    def set_attn_impl(self, attn_impl: str) -> "GPViT":
+        """Switch every block and the neck between 'fast' and 'reference' (see the class docstring)."""
+        self.attn_impl = _check_attn_impl(attn_impl)
+        self.patch_embed.fold_bn = attn_impl == "fast"
+        for m in self.modules():
+            if isinstance(m, (LocalBlock, GPBlock, AttentionPoolNeck)):
+                m.attn_impl = attn_impl
+        return self
 
     # ------------------------------------------------------------------------------------------------------------
     def init_weights(self):
@@ -390,6 +530,7 @@ class GPViT(nn.Module):
             self.global_pool = global_pool
             self.neck = (AttentionPoolNeck(self.embed_dim, self.neck_heads, self.gp_norm_eps, self.neck_init_std)
                          if global_pool == "attn" else nn.Identity())
+            self.set_attn_impl(self.attn_impl)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ------------------------------------------------------------------------------------------------------------
