@@ -197,6 +197,12 @@ def test_every_shipped_recipe_loads_into_its_config():
         if is_pretrain_recipe(find_recipe(name)):
             cfg = UDIConfig.from_yaml(name)
             assert cfg.epochs > 0, name
+        elif name.startswith("pointcloud/"):
+            from visionzoo.dense.pointcloud import PointCloudConfig
+
+            assert PointCloudConfig.from_yaml(str(find_recipe(name))).epochs > 0, name
+            with pytest.raises(ValueError, match="point-cloud recipe"):
+                load_config(name)
         else:
             cfg = load_config(name)
             assert cfg.global_batch(cfg.world_size) > 0, name

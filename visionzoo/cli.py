@@ -142,6 +142,8 @@ TOOLS = {
     "linear": ("engine.linear", "linear probe on frozen features (any model)"),
     "finetune": ("engine.finetune", "fine-tune a pretrained checkpoint (layer-wise lr decay, mixup, drop path)"),
     "transfer": ("engine.transfer", "frozen-feature transfer to other datasets: linear classifier, R^2, variability"),
+    "pointcloud": ("dense.pointcloud", "point-cloud classification (CoC PointMLP) on ScanObjectNN h5 files or "
+                                       "embedded procedural shapes"),
 }
 
 
