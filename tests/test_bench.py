@@ -195,3 +195,26 @@ def test_help_does_not_import_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_model_kwargs_reach_our_models_not_the_baseline(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    args = ["--model", "gpvit_test", "--model-kwargs", "attn_impl=reference", "--baseline", "resnet10t", "-b", "1",
+            "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench", "infer", "--device", "cpu",
+            "--results-file", str(out)]
+    assert bench.run(_parse(args)) == 0  # resnet10t would fail on an unknown attn_impl kwarg
+    assert "gpvit_test [attn_impl=reference]" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["model"], r["model_kwargs"]) for r in rows] == [("gpvit_test", "attn_impl=reference"), ("resnet10t", "")]
+
+
+def test_gmacs_count_attention_on_cpu():
+    import timm
+
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8)  # 16 patches + 1 cls token
+    n, d, depth = 17, 192, 12
+    attn_macs = depth * 2 * n * n * d  # q k^T and attn v
+    linear_only = bench.count_gmacs(m, (3, 32, 32)) * 1e9 - attn_macs
+    lin = sum(mod.in_features * mod.out_features for mod in m.blocks.modules() if isinstance(mod, torch.nn.Linear))
+    conv, head = 3 * 8 * 8 * 192 * 16, 192 * 1000
+    assert linear_only == pytest.approx(lin * n + conv + head, rel=1e-3)

@@ -6,8 +6,8 @@ sync after each. ``samples_per_sec`` = samples / wall time of the whole timed lo
 of one step. Inference runs under ``torch.inference_mode``; a train step is forward + cross-entropy on random
 targets + backward + SGD (timm ``create_optimizer_v2('sgd', lr=1e-4)``). AMP is ``torch.autocast``. An
 out-of-memory error retries with a smaller batch (timm ``decay_batch_step``: 256, 192, 128, 96, ...).
-GMACs come from ``torch.utils.flop_counter.FlopCounterMode`` on a batch-1 eval forward (FLOPs / 2; unlike fvcore it
-counts ``scaled_dot_product_attention``).
+GMACs come from ``torch.utils.flop_counter.FlopCounterMode`` on a batch-1 eval forward (FLOPs / 2), run with the
+math SDPA backend so that attention is counted on every device (unlike fvcore).
 
 torch and timm are imported inside functions so that ``visionzoo benchmark --help`` starts at once.
 """
@@ -27,7 +27,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 # CSV columns, in order (a row always has all of them, so rows of different runs append to one file).
 FIELDS = (
-    "model", "baseline", "device", "precision", "channels_last", "compile", "batch_size", "img_size",
+    "model", "model_kwargs", "baseline", "device", "precision", "channels_last", "compile", "batch_size", "img_size",
     "infer_samples_per_sec", "infer_step_time_ms", "infer_batch_size",
     "train_samples_per_sec", "train_step_time_ms", "train_batch_size",
     "param_count", "params", "gmacs",
@@ -117,8 +117,12 @@ def count_gmacs(model, input_size, device=None, dtype=None) -> float:
     x = torch.randn((1,) + tuple(input_size), device=device, dtype=dtype)
     was_training = model.training
     model.eval()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # the math SDPA backend decomposes attention into matmuls the counter sees (it has no formula for the
+        # fused CPU kernels, which would leave attention uncounted on CPU)
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
@@ -433,6 +437,8 @@ def format_table(rows: list[dict]) -> str:
         v = row.get(key)
         if key == "model" and row.get("baseline"):
             return f"{v} (timm baseline)"
+        if key == "model" and row.get("model_kwargs"):
+            v = f"{v} [{row['model_kwargs']}]"
         if key == "model" and row.get("error"):
             return f"{v} (failed)"
         return "" if v is None else str(v)
@@ -469,7 +475,8 @@ def run(args: argparse.Namespace) -> int:
                 name, device=device, batch_size=batch_size, img_size=args.img_size, precision=precision,
                 channels_last=args.channels_last, torchcompile=args.torchcompile, bench=args.bench,
                 num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
-                model_kwargs=model_kwargs, num_classes=args.num_classes, retry_oom=not args.no_retry)
+                model_kwargs={} if is_baseline else model_kwargs,  # options of our models, not timm's
+                num_classes=args.num_classes, retry_oom=not args.no_retry)
         except Exception as e:  # one broken model must not lose the others' rows (timm does the same)
             failed += 1
             print(f"  {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -477,6 +484,7 @@ def run(args: argparse.Namespace) -> int:
             row.update(model=name, device=device, precision=precision, batch_size=batch_size,
                        error=f"{type(e).__name__}: {e}")
         row["baseline"] = is_baseline
+        row["model_kwargs"] = "" if is_baseline else " ".join(args.model_kwargs)
         rows.append(row)
         if args.results_file:
             write_rows(args.results_file, [row])
