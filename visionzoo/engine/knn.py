@@ -37,6 +37,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--out", default=None, metavar="DIR", help="write results (CSV + JSON) into DIR")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random-init model (and of the probe)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,11 +72,14 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def load_model(model_name: str | None, checkpoint: str | None, num_classes: int = 0):
+def load_model(model_name: str | None, checkpoint: str | None, num_classes: int = 0, seed: int = 0):
     """A model for feature extraction or fine-tuning, from a name and/or weights (see ``--checkpoint``)."""
     import visionzoo
     from ..models import load_pretrained
 
+    import torch
+
+    torch.manual_seed(seed)  # a random-init model (the usual baseline) is the same in every run
     if checkpoint and os.path.isdir(checkpoint):
         if os.path.isfile(os.path.join(checkpoint, "config.json")) and \
                 os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
@@ -152,7 +156,7 @@ def run(args) -> int:
         raise ValueError(f"--nb-knn values must be >= 1, got {args.nb_knn}")
     check_data(args)
     device = resolve_device(args.device)
-    model = load_model(args.model, args.checkpoint).to(device).eval()
+    model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()
     res = knn_eval(model, args, device)
     name = args.model or model.pretrained_cfg.get("architecture", "model")
     print(f"k-NN on {args.data} ({res['num_train']} train / {res['num_val']} val, token {res['token']}, "

@@ -48,7 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training images: simple (DINO), strong (UDI) or none (cached features)")
     parser.add_argument("--hflip", type=float, default=0.5, help="flip probability with --augment (0 for digits)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N", help="validate every N epochs")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _train_transform(args, model, img_size: int):
@@ -147,7 +146,7 @@ def run(args) -> int:
         raise ValueError("--epochs and --eval-every must be >= 1")
     check_data(args)
     device = resolve_device(args.device)
-    model = load_model(args.model, args.checkpoint).to(device).eval()
+    model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     res = linear_probe(model, args, device)
