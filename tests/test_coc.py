@@ -1,75 +1,24 @@
 """Context Cluster (CoC): oracle check of the fast clustering, input sizes, legacy checkpoints, cluster maps, recipes.
 
-The parity with the official code is covered by the fixtures (tests/test_fixtures.py); here the fast scatter + bmm +
-gather path is checked against a plain re-statement of the official broadcast formulation (spec coc.md sections 1.4
-and 7), also on configurations the fixtures do not have (double precision, gradients, legacy normaliser).
+The parity with the official code is covered by the fixtures (tests/test_fixtures.py); here the fast scatter + bmm
+path is checked against the model's ``cluster_impl='reference'`` (a plain re-statement of the official
+broadcast formulation, spec coc.md sections 1.4 and 7) on the same weights, also on configurations the fixtures do
+not have (double precision, gradients, train mode, legacy normaliser).
 """
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 import visionzoo  # noqa: F401  (registers the models)
-from visionzoo.models.context_cluster import Cluster, ClusterBlock, ContextCluster, checkpoint_filter_fn
+from visionzoo.models.context_cluster import Cluster, ContextCluster, checkpoint_filter_fn, official_kwargs_to_ours
 
 RECIPES = Path(visionzoo.__file__).resolve().parent / "recipes" / "coc"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# oracle: the official broadcast formulation, written plainly on NCHW maps
-
-
-def reference_cluster(m: Cluster, x: torch.Tensor, legacy_norm: bool = False) -> torch.Tensor:
-    """Official ``Cluster.forward`` on ``x [B, C, H, W]`` (NCHW): 1x1 convs, heads and regions into the batch,
-    AdaptiveAvgPool centers, sigmoid(beta + alpha cos), one-hot argmax mask, and the ``[B', M, N, D]`` broadcast
-    products for aggregate and dispatch."""
-    E, D = m.heads, m.head_dim
-    fr, fc = m.fold
-    pr, pc = m.proposal
-    value = F.conv2d(x, m.v.weight, m.v.bias)
-    p = F.conv2d(x, m.f.weight, m.f.bias)
-    B, _, H, W = p.shape
-    # heads: channel e*D + d -> batch b*E + e
-    value = value.reshape(B * E, D, H, W)
-    p = p.reshape(B * E, D, H, W)
-    # ``fold`` is ours, (rows, cols), already translated from the official fold_w/fold_h (which partition only
-    # when both exceed 1, see test_official_fold_rule); any fold > 1 partitions here
-    if fr * fc > 1:  # region (i, j) -> batch ((b*E + e)*fr + i)*fc + j
-        h, w = H // fr, W // fc
-        value = value.reshape(B * E, D, fr, h, fc, w).permute(0, 2, 4, 1, 3, 5).reshape(-1, D, h, w)
-        p = p.reshape(B * E, D, fr, h, fc, w).permute(0, 2, 4, 1, 3, 5).reshape(-1, D, h, w)
-    else:
-        h, w = H, W
-    Bp = p.shape[0]
-    centers = F.adaptive_avg_pool2d(p, (pr, pc)).reshape(Bp, D, -1).transpose(1, 2)  # [B', M, D]
-    value_centers = F.adaptive_avg_pool2d(value, (pr, pc)).reshape(Bp, D, -1).transpose(1, 2)
-    points = p.reshape(Bp, D, -1).transpose(1, 2)  # [B', N, D]
-    cos = F.normalize(centers, dim=-1) @ F.normalize(points, dim=-1).transpose(1, 2)  # [B', M, N]
-    sim = torch.sigmoid(m.sim_beta + m.sim_alpha * cos)
-    _, idx = sim.max(dim=1, keepdim=True)
-    mask = torch.zeros_like(sim).scatter_(1, idx, 1.0)
-    sim = sim * mask
-    v = value.reshape(Bp, D, -1).transpose(1, 2)  # [B', N, D]
-    num = (v.unsqueeze(1) * sim.unsqueeze(-1)).sum(2) + value_centers  # [B', M, N, D] summed over N
-    den = (mask if legacy_norm else sim).sum(-1, keepdim=True) + 1.0
-    out = ((num / den).unsqueeze(2) * sim.unsqueeze(-1)).sum(1)  # [B', M, N, D] summed over M -> [B', N, D]
-    out = out.transpose(1, 2).reshape(Bp, D, h, w)
-    if fr * fc > 1:
-        out = out.reshape(B * E, fr, fc, D, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B * E, D, H, W)
-    out = out.reshape(B, E * D, H, W)
-    return F.conv2d(out, m.proj.weight, m.proj.bias)
-
-
-def reference_block(blk: ClusterBlock, x: torch.Tensor) -> torch.Tensor:
-    """Official ClusterBlock on NCHW (GroupNorm with one group, layer scale, conv-free Linear MLP), no drop path."""
-    ls1, ls2 = blk.layer_scale_1[None, :, None, None], blk.layer_scale_2[None, :, None, None]
-    n1 = F.group_norm(x, 1, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
-    x = x + ls1 * reference_cluster(blk.token_mixer, n1, blk.token_mixer.legacy_norm)
-    n2 = F.group_norm(x, 1, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps).permute(0, 2, 3, 1)
-    mlp = blk.mlp.fc2(F.gelu(blk.mlp.fc1(n2))).permute(0, 3, 1, 2)
-    return x + ls2 * mlp
+# oracle: the fast path against the official broadcast formulation (cluster_impl='reference', same weights)
 
 
 def _perturb(module: torch.nn.Module, seed: int) -> None:
@@ -92,69 +41,96 @@ def _coc_test(**kwargs) -> ContextCluster:
     return visionzoo.create_model("coc_test", **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_fast_block_matches_broadcast_oracle(mode):
-    """coc_test stage-0 block (2x2 region partition, 2x2 centers) with random weights, outputs and all gradients."""
-    model = _coc_test().double()
-    blk = model.network[0][0]
-    _perturb(blk, 1)
-    blk.train(mode == "train")
-    x = torch.randn(3, 16, 8, 8, dtype=torch.double, generator=torch.Generator().manual_seed(2))
+def _same_weights_pair(make):
+    """``make(impl)`` for both impls, the reference loading the fast one's state dict (strict: same layout)."""
+    fast, ref = make("fast"), make("reference")
+    ref.load_state_dict(fast.state_dict(), strict=True)
+    return fast, ref
+
+
+def _assert_outputs_and_grads_match(fast, ref, x, rtol, atol):
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours = blk(x1.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    ref = reference_block(blk, x2)
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10)
-    w = torch.randn_like(ref)
-    g_ours = torch.autograd.grad((ours * w).sum(), [x1] + list(blk.parameters()))
-    g_ref = torch.autograd.grad((ref * w).sum(), [x2] + list(blk.parameters()))
-    names = ["input"] + [n for n, _ in blk.named_parameters()]
-    for name, a, b in zip(names, g_ours, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
-    assert g_ours[names.index("token_mixer.sim_alpha")].abs() > 0  # the kept similarity carries the gradient
+    out_fast, out_ref = fast(x1), ref(x2)
+    torch.testing.assert_close(out_fast, out_ref, rtol=rtol, atol=atol)
+    w = torch.randn_like(out_ref)
+    names = ["input"] + [n for n, _ in fast.named_parameters()]
+    g_fast = torch.autograd.grad((out_fast * w).sum(), [x1] + list(fast.parameters()))
+    g_ref = torch.autograd.grad((out_ref * w).sum(), [x2] + list(ref.parameters()))
+    for name, a, b in zip(names, g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+    return dict(zip(names, g_fast))
 
 
 @pytest.mark.parametrize("fold,proposal,size,legacy", [
     ((2, 3), (3, 2), (8, 9), False),  # non-square folds and overlapping pooling windows (4->3, 3->2)
-    ((1, 1), (4, 3), (7, 10), False),  # plain: global clustering per head
+    ((1, 1), (4, 3), (7, 10), False),  # plain: global clustering per head, non-square map
     ((2, 1), (2, 2), (6, 6), False),  # our API: rows-only partition (no official variant has one)
     ((2, 2), (2, 2), (8, 8), True),  # legacy count normaliser
 ])
-def test_fast_cluster_matches_oracle_configs(fold, proposal, size, legacy):
+def test_fast_cluster_matches_reference(fold, proposal, size, legacy):
+    """One Cluster in float64: outputs, input and parameter gradients."""
     torch.manual_seed(0)
-    m = Cluster(12, heads=3, head_dim=5, proposal=proposal, fold=fold, legacy_norm=legacy).double()
-    _perturb(m, 3)
-    x = torch.randn(2, 12, *size, dtype=torch.double)
-    ours = m(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    torch.testing.assert_close(ours, reference_cluster(m, x, legacy), rtol=1e-9, atol=1e-10)
+    fast, ref = _same_weights_pair(lambda impl: Cluster(
+        12, heads=3, head_dim=5, proposal=proposal, fold=fold, legacy_norm=legacy, impl=impl).double())
+    _perturb(fast, 3)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, *size, 12, dtype=torch.double)  # channels-last, like inside the model
+    grads = _assert_outputs_and_grads_match(fast, ref, x, rtol=1e-9, atol=1e-10)
+    assert grads["sim_alpha"].abs() > 0  # the kept similarity carries the gradient to alpha
+
+
+@pytest.mark.parametrize("mode,kwargs", [
+    ("train", {}),  # coc_test: 2x2 region partition in stage 0
+    ("train", dict(folds=1, proposals=((3, 2), (2, 2), 1, 1))),  # plain, non-square proposals
+    ("eval", dict(legacy_norm=True)),
+])
+def test_fast_model_matches_reference_model(mode, kwargs):
+    """Whole coc_test (non-square input) in float64, the model option threaded down to every Cluster."""
+    fast, ref = _same_weights_pair(lambda impl: _coc_test(num_classes=7, cluster_impl=impl, **kwargs).double())
+    assert {m.impl for m in ref.modules() if isinstance(m, Cluster)} == {"reference"}
+    assert {m.impl for m in fast.modules() if isinstance(m, Cluster)} == {"fast"}
+    _perturb(fast, 4)
+    ref.load_state_dict(fast.state_dict())
+    fast.train(mode == "train")
+    ref.train(mode == "train")
+    x = torch.randn(2, 3, 32, 48, dtype=torch.double, generator=torch.Generator().manual_seed(2))
+    _assert_outputs_and_grads_match(fast, ref, x, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["fold", "plain", "fork_feat"])
+def test_reference_impl_reproduces_official_fixtures(case, fixtures_dir, monkeypatch):
+    """The oracle itself against the official code's tensors (the fast path: tests/test_fixtures.py)."""
+    from visionzoo.testing.families import coc as hook
+    from visionzoo.testing.parity import compare, load_case
+
+    path = fixtures_dir / "coc" / f"{case}.json"
+    if not path.exists():
+        pytest.skip(f"fixture {path} not available")
+    spec, tensors = load_case(path)
+    model = ContextCluster(**official_kwargs_to_ours(spec["official_kwargs"]), cluster_impl="reference")
+    assert all(m.impl == "reference" for m in model.modules() if isinstance(m, Cluster))
+    monkeypatch.setattr(hook, "build", lambda _case: model)  # the hook's own runner, on the reference model
+    ours = hook.run_case(spec, tensors)
+    ref = {k: v for k, v in tensors.items() if k.startswith("output")}
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        ok, max_abs, _, msg = compare(ours[k], ref[k], spec["atol"], spec["rtol"])
+        assert ok, f"{case} {k}: max abs {max_abs:.3g} {msg}"
+
+
+def test_unknown_cluster_impl_raises():
+    with pytest.raises(ValueError, match=r"cluster_impl='slow'.*'fast', 'reference'"):
+        _coc_test(cluster_impl="slow")
+    with pytest.raises(ValueError, match=r"'fast', 'reference'"):
+        Cluster(8, heads=2, head_dim=4, impl="broadcast")
 
 
 def test_official_fold_rule():
-    from visionzoo.models.context_cluster import official_kwargs_to_ours
-
     ours = official_kwargs_to_ours(dict(layers=[1, 1, 1, 1], embed_dims=[8, 8, 8, 8], fold_w=[4, 2, 1, 2],
                                         fold_h=[2, 1, 2, 2], proposal_w=[2, 3, 1, 1], proposal_h=[3, 2, 1, 1],
                                         norm_layer="GroupNorm"))
     assert ours["folds"] == [(4, 2), (1, 1), (1, 1), (2, 2)]  # fold_w acts on rows; partition only if both > 1
     assert ours["proposals"] == [(2, 3), (3, 2), (1, 1), (1, 1)]
-
-
-def test_fast_model_matches_oracle_model():
-    """Whole coc_test forward with every Cluster replaced by the oracle (fp32, eval and train without drop path)."""
-    model = _coc_test(num_classes=7).eval()
-    _perturb(model, 4)
-    x = torch.randn(2, 3, 32, 32)
-    ours = model(x)
-    originals = {}
-    for m in model.modules():
-        if isinstance(m, Cluster):
-            originals[m] = m.forward
-            m.forward = (lambda mod: lambda t: reference_cluster(mod, t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))(m)
-    try:
-        ref = model(x)
-    finally:
-        for m, f in originals.items():
-            m.forward = f
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_similarity_stays_fp32_under_autocast():
