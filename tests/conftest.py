@@ -22,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (small ops on 2 shared cores are faster and steadier that way)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,12 +12,7 @@ from visionzoo.dense import pointcloud as pc
 from visionzoo.models.context_cluster import farthest_point_sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ datasets

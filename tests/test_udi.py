@@ -15,12 +15,7 @@ for _s in ("head_hidden_dim=32", "head_bottleneck_dim=16", "amp=false", "knn_max
     TINY += ["--set", _s]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _load(path):
