@@ -100,3 +100,20 @@ def test_pretrain_profile_reports_loader_and_step(capsys):
 
     m = re.search(r"loader ([\d.]+) img/s .* train step ([\d.]+) img/s over 2 batches", out)
     assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+
+
+def test_pretrain_two_process_ddp_on_cpu(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the global batch is split, rank 0 writes the run folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "visionzoo", "pretrain", "--output", str(out), "--epochs", "1", "--batch-size", "16",
+           "--set", "max_train_images=128"] + TINY
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["global_step"] == 128 // (16 * 2)  # each step consumes 16 images per process
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["-1", "0"] and float(rows[1]["loss"]) > 0
