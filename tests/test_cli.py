@@ -67,3 +67,15 @@ def test_console_script_registers_models_before_running_a_command():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "udi_vit_test" in r.stdout.split()
+
+
+def test_tool_help_does_not_import_torch():
+    code = ("import sys; sys.argv[0] = '/usr/local/bin/visionzoo'\n"
+            "import visionzoo.cli as c\n"
+            "for cmd in ('pretrain', 'knn', 'linear', 'finetune', 'transfer', 'pointcloud'):\n"
+            "    try:\n        c.main([cmd, '--help'])\n    except SystemExit:\n        pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().endswith("NOTORCH")
+    for flag in ("--nb-knn", "--n-last-blocks", "--checkpoint", "--angles", "--points"):
+        assert flag in out, flag
