@@ -17,7 +17,6 @@ torch is imported only inside ``run``, so ``visionzoo --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import os
 
 FINETUNE_DEFAULTS = dict(
     opt="adamw", lr=1e-3, layer_decay=0.55, weight_decay=0.05, opt_eps=1e-8, min_lr=1e-6, warmup_lr=1e-6,
@@ -43,22 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config_flags(parser, TrainConfig)
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A weights file from a file, a save_pretrained folder or a pretrain run folder (clear error otherwise)."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        for name in ("model.safetensors", "teacher_backbone.safetensors"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise FileNotFoundError(f"{path} holds neither model.safetensors (a saved model) nor "
-                                f"teacher_backbone.safetensors (a `visionzoo pretrain` run): pass a weights file.")
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-
-
 def build_config(args):
     from ..cli import _config_overrides
     from .config import TrainConfig, apply_overrides, config_from_dict, load_config
+    from .knn import resolve_checkpoint
 
     overrides = _config_overrides(args, TrainConfig)
     if args.data is not None:

@@ -72,27 +72,31 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A weights file from a file, a save_pretrained folder or a `visionzoo pretrain` run folder (clear error else)."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "teacher_backbone.safetensors"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"{path} is a folder without model.safetensors (a saved model) or "
+                                f"teacher_backbone.safetensors (a `visionzoo pretrain` run): pass a weights file.")
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
 def load_model(model_name: str | None, checkpoint: str | None, num_classes: int = 0, seed: int = 0):
     """A model for feature extraction or fine-tuning, from a name and/or weights (see ``--checkpoint``)."""
+    import torch
+
     import visionzoo
     from ..models import load_pretrained
 
-    import torch
-
     torch.manual_seed(seed)  # a random-init model (the usual baseline) is the same in every run
-    if checkpoint and os.path.isdir(checkpoint):
-        if os.path.isfile(os.path.join(checkpoint, "config.json")) and \
-                os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
-            if model_name is None:
-                return load_pretrained(checkpoint, num_classes=num_classes)
-            checkpoint = os.path.join(checkpoint, "model.safetensors")
-        elif os.path.isfile(os.path.join(checkpoint, "teacher_backbone.safetensors")):
-            checkpoint = os.path.join(checkpoint, "teacher_backbone.safetensors")
-        else:
-            raise FileNotFoundError(f"{checkpoint} is a folder without model.safetensors + config.json (a saved "
-                                    f"model) or teacher_backbone.safetensors (a pretrain run): pass a weights file.")
-    elif checkpoint and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if model_name is None and checkpoint and os.path.isfile(os.path.join(checkpoint, "config.json")):
+        return load_pretrained(checkpoint, num_classes=num_classes)  # the folder names its architecture
+    if checkpoint:
+        checkpoint = resolve_checkpoint(checkpoint)
     if model_name is None:
         raise ValueError("--model is needed unless --checkpoint is a folder written by save_pretrained "
                          "(config.json + model.safetensors).")
