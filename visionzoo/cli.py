@@ -144,6 +144,12 @@ TOOLS = {
     "transfer": ("engine.transfer", "frozen-feature transfer to other datasets: linear classifier, R^2, variability"),
     "pointcloud": ("dense.pointcloud", "point-cloud classification (CoC PointMLP) on ScanObjectNN h5 files or "
                                        "embedded procedural shapes"),
+    "detect": ("dense.detection", "object detection / instance segmentation (Mask R-CNN, RetinaNet) on any "
+                                  "backbone: train, eval (COCO AP), visualize"),
+    "segment": ("dense.segmentation", "semantic segmentation (Semantic FPN, UperNet, SegFormer head) on any "
+                                      "backbone: train, eval (mIoU)"),
+    "semisup": ("engine.semisup", "semi-supervised evaluation: logistic regression on 1%/10% of the labels"),
+    "videoseg": ("dense.video", "video object segmentation by label propagation (DAVIS-2017 layout, J&F)"),
 }
 
 
