@@ -126,7 +126,7 @@ def test_gp_block_has_no_shortcut_and_is_nonnegative():
     model = _small()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        t = model._embed(x)
+        t = model.embed_tokens(x)
         out = model.blocks[1](t)
     assert (out >= 0).all()  # ends in ReLU, no residual
     assert not torch.allclose(out, t.clamp_min(0))
@@ -263,7 +263,7 @@ def test_features_only_official_out_indices():
     x = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
         feats = m(x)
-        t = m.model._embed(x)
+        t = m.model.embed_tokens(x)
         t0 = m.model.blocks[0](t)
         t2 = m.model.blocks[2](m.model.blocks[1](t0))
     assert [f.shape for f in feats] == [(2, 24, 6, 8)] * 2

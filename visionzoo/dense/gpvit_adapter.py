@@ -428,11 +428,11 @@ class GPViTAdapter(nn.Module):
         c1, cs = self.spm(x)
         c = torch.cat([t + self.level_embed[i] for i, t in enumerate(cs)], dim=1)
         vit = self.vit
-        t = vit._pos_embed(vit.patch_embed(x).permute(0, 2, 3, 1))  # (B, H, W, C), pos_embed resized bicubically
+        t = vit.embed_tokens(x)  # (B, H, W, C), pos_embed resized bicubically
         ref_x = reference_points(shapes[:1], x.device, t.dtype)  # queries of the injector: the stride-8 grid
         ref_c = reference_points(shapes, x.device, t.dtype)  # queries of the extractors: the three levels
         for (lo, hi), inter in zip(self.interaction_indexes, self.interactions):
-            t, c = inter(t, c, vit.blocks[lo:hi + 1], vit._run_block, ref_x, ref_c, shapes)
+            t, c = inter(t, c, vit.blocks[lo:hi + 1], vit.run_block, ref_x, ref_c, shapes)
 
         C = t.shape[-1]
         c2, c3, c4 = [m.transpose(1, 2).reshape(B, C, h, w) for m, (h, w) in zip(c.split(sizes, dim=1), shapes)]

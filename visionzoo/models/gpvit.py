@@ -553,20 +553,22 @@ class GPViT(nn.Module):
             pos = pos.permute(0, 2, 3, 1)
         return self.pos_drop((x + pos).contiguous())
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H/8, W/8, C) tokens after the stem and the (resized) position embedding; public for
+        wrappers that run the blocks themselves (the dense GPViT adapter)."""
         self.check_input_size(x.shape[-2], x.shape[-1])
         return self._pos_embed(self.patch_embed(x).permute(0, 2, 3, 1))
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> final-normed (B, C, H/8, W/8) map (a permuted view of the internal (B, H, W, C) tokens)."""
-        x = self._embed(x)
+        x = self.embed_tokens(x)
         for blk in self.blocks:
-            x = self._run_block(blk, x)
+            x = self.run_block(blk, x)
         return self.norm(x).permute(0, 3, 1, 2)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -601,11 +603,11 @@ class GPViT(nn.Module):
         last layer gets the final norm (official ``out_indices`` semantics); others are raw unless ``norm``."""
         assert output_fmt in ("NCHW", "NHWC"), "output_fmt must be NCHW or NHWC"
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self._embed(x)
+        x = self.embed_tokens(x)
         blocks = self.blocks[:max_index + 1] if stop_early or intermediates_only else self.blocks
         intermediates = []
         for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x)
+            x = self.run_block(blk, x)
             if i in take_indices:
                 f = self._feature(i, x, norm)
                 intermediates.append(f.permute(0, 3, 1, 2) if output_fmt == "NCHW" else f)
@@ -634,7 +636,7 @@ class GPViT(nn.Module):
             raise ValueError(f"layer(s) {bad} are not GP blocks; this model's GP blocks are at layers "
                              f"{', '.join(map(str, gp))}.")
         out = {}
-        x = self._embed(x)
+        x = self.embed_tokens(x)
         for i, blk in enumerate(self.blocks[:max(layers) + 1]):
             if i in layers:
                 out[i] = blk.group_attention(x)
