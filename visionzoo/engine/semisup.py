@@ -1,0 +1,243 @@
+"""``visionzoo semisup``: semi-supervised evaluation by logistic regression on 1 % / 10 % of the labels (UDI / DINO /
+MSN protocol, spec udi.md section 7), any model.
+
+Frozen features of a labelled subset of the train split (the model's eval transform, the last block's token 0 after
+the final norm by default, ``--token`` as in ``visionzoo knn``), L2-normalised, feed a multinomial logistic
+regression with an L2 penalty and no intercept, fitted for each lambda of ``--lambdas`` (default 0.01 0.1 1, each
+divided by the number of training samples as the official script does); top-1 / top-5 on the whole val split are
+reported per lambda, and the best.
+
+The official code fits with cyanure (``MultiClassifier(loss='multiclass-logistic', penalty='l2',
+fit_intercept=False)``, solver catalyst-miso, tol 1e-3), which is not installable here. cyanure minimises
+``(1/n) sum_i CE(W x_i, y_i) + (lambda'/2) ||W||^2`` with ``lambda' = lambda / n``. We minimise exactly that
+objective with full-batch L-BFGS in torch (strong-Wolfe line search, float64 by default): it is strictly convex, so
+every correct solver reaches the same optimum; torch runs on the features' device (GPU for ImageNet's 10 % split)
+without another dependency. scikit-learn's ``LogisticRegression(C=..., fit_intercept=False)`` minimises ``C sum_i CE + 1/2 ||W||^2``,
+the same objective times ``C n`` when ``C = 1 / (n lambda') = 1 / lambda``; the tests check our optimum against it.
+
+The subset (``--percent``): ``balanced`` takes round(percent % of each class) images per class (at least one), as
+SimCLR describes its class-balanced ImageNet splits (about 12.8 / 128 images per class); ``random`` takes round(percent % of the split) uniformly. Both
+are deterministic from ``--seed``. ``--subset-file`` takes a list of file names instead (one per line, e.g.
+SimCLRv2's ``1percent.txt`` / ``10percent.txt``: ``n01440764_10026.JPEG``), matched by base name against the train
+split (ImageFolder file names, LMDB record names, or for the embedded digits the ``<index>.png`` names of
+``write_digits_folder``).
+
+torch is imported only inside functions, so ``visionzoo --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from .knn import add_common_arguments, check_data, eval_datasets, load_model, loader, resolve_device, write_results
+
+SAMPLINGS = ("balanced", "random")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    add_common_arguments(parser)
+    parser.add_argument("--percent", type=float, default=1.0,
+                        help="percentage of the train split that keeps its labels (default: 1; UDI uses 1 and 10)")
+    parser.add_argument("--sampling", choices=SAMPLINGS, default="balanced",
+                        help="subset: per-class balanced (SimCLRv2 style, default) or uniformly random")
+    parser.add_argument("--subset-file", default=None, metavar="TXT",
+                        help="file names of the labelled subset, one per line (SimCLRv2 1percent.txt/10percent.txt); "
+                             "overrides --percent")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="L",
+                        help="L2 strengths, each divided by the number of training samples (default: 0.01 0.1 1)")
+    parser.add_argument("--n-last-blocks", type=int, default=1, metavar="N",
+                        help="concatenate the class token of the last N blocks (default: 1, as UDI)")
+    parser.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per lambda (default: 500)")
+    parser.add_argument("--tol", type=float, default=1e-6,
+                        help="stop when the gradient's largest entry is below this (default: 1e-6)")
+    parser.add_argument("--fit-dtype", choices=("float64", "float32"), default="float64",
+                        help="precision of the fit (default: float64; float32 stalls early on badly conditioned "
+                             "features; use it on GPUs with slow float64)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# subset
+
+def subset_indices(labels, percent: float, sampling: str = "balanced", seed: int = 0):
+    """Sorted indices (LongTensor) of a labelled subset of ``labels`` (see the module docstring).
+
+    Vectorised: one random key per sample, a stable sort by class, and the rank inside the class decides.
+    """
+    import torch
+
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = labels.numel()
+    if not 0 < percent <= 100:
+        raise ValueError(f"--percent must be in (0, 100], got {percent}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+    if n == 0:
+        raise ValueError("the train split is empty: nothing to sample a subset from")
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=gen)
+    if sampling == "random":
+        k = max(1, int(round(n * percent / 100.0)))
+        return perm[:k].sort().values
+    order = perm[labels[perm].argsort(stable=True)]  # grouped by class, random inside a class
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - starts[labels[order]]
+    keep = (counts.double() * percent / 100.0).round().clamp(min=1).long()
+    return order[rank < keep[labels[order]]].sort().values
+
+
+def sample_names(dataset) -> list[str]:
+    """Base file name of every sample of a train split (for matching a subset file)."""
+    if hasattr(dataset, "samples"):  # ImageFolder
+        return [os.path.basename(p) for p, _ in dataset.samples]
+    if hasattr(dataset, "indices") and type(dataset).__name__ == "DigitsDataset":
+        return [f"{int(i):04d}.png" for i in dataset.indices]  # write_digits_folder's names
+    if hasattr(dataset, "_txn_get"):  # LMDB: names are stored with each record
+        return [os.path.basename(dataset._txn_get(i)[0]) for i in range(len(dataset))]
+    raise ValueError(f"--subset-file cannot name the samples of {type(dataset).__name__}; use --percent")
+
+
+def subset_from_file(path: str, dataset):
+    """Sorted indices of the samples whose base names are listed in ``path``; every listed name must exist."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"subset file not found: {path} (one file name per line, e.g. SimCLRv2's "
+                                f"1percent.txt)")
+    with open(path) as f:
+        wanted = [os.path.basename(line.strip()) for line in f if line.strip()]
+    if not wanted:
+        raise ValueError(f"subset file {path} lists no file names")
+    index = {name: i for i, name in enumerate(sample_names(dataset))}
+    missing = [w for w in wanted if w not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(wanted)} names in {path} are not in the train split "
+                         f"(e.g. {', '.join(missing[:3])}); is it the subset file of this data set?")
+    return torch.tensor(sorted({index[w] for w in wanted}), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logistic regression
+
+def logreg_objective(weight, feats, labels, lam: float):
+    """cyanure's multiclass-logistic + L2 objective: mean CE(x W^T, y) + lam / 2 ||W||^2 (no intercept)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(feats @ weight.T, labels) + 0.5 * lam * weight.square().sum()
+
+
+def fit_logreg(feats, labels, lam: float, num_classes: int | None = None, max_iter: int = 500, tol: float = 1e-6,
+               dtype=None):
+    """Weights (num_classes, D) minimising :func:`logreg_objective` (``lam`` already divided by n), by full-batch
+    L-BFGS from zero; returns ``(weight, info)`` with the final objective, gradient max-norm and iterations."""
+    import torch
+
+    feats = feats.to(dtype or torch.float64)
+    labels = labels.to(feats.device).long()
+    if lam <= 0:
+        raise ValueError(f"lambda must be > 0 (the problem has no bounded optimum otherwise), got {lam}")
+    num_classes = num_classes or int(labels.max()) + 1
+    weight = torch.zeros(num_classes, feats.shape[1], device=feats.device, dtype=feats.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([weight], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = logreg_objective(weight, feats, labels, lam)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # one call runs up to max_iter iterations
+    loss = closure()
+    info = {"objective": float(loss.detach()), "grad_max": float(weight.grad.abs().max()),
+            "iterations": int(opt.state[weight].get("n_iter", 0))}
+    return weight.detach().float(), info
+
+
+def _topk_correct(logits, labels) -> tuple[float, float]:
+    k = min(5, logits.shape[1])
+    pred = logits.topk(k, dim=1).indices
+    n = max(labels.numel(), 1)
+    return (100.0 * float((pred[:, 0] == labels).sum()) / n, 100.0 * float((pred == labels[:, None]).any(1).sum()) / n)
+
+
+def evaluate_lambdas(train_feats, train_labels, val_feats, val_labels, lambdas, num_classes: int | None = None,
+                     max_iter: int = 500, tol: float = 1e-6, dtype=None) -> list[dict]:
+    """One row per lambda: {"lambda", "lambda_eff" (= lambda / n), "C" (sklearn), "top1", "top5", solver info}.
+    Features are L2-normalised here (the protocol's input)."""
+    import torch.nn.functional as F
+
+    train_feats, val_feats = F.normalize(train_feats.float(), dim=1), F.normalize(val_feats.float(), dim=1)
+    val_feats, val_labels = val_feats.to(train_feats.device), val_labels.to(train_feats.device).long()
+    n = train_feats.shape[0]
+    num_classes = num_classes or int(max(int(train_labels.max()), int(val_labels.max()))) + 1
+    rows = []
+    for lam in lambdas:  # three fits: the protocol's grid, not a loop over data
+        weight, info = fit_logreg(train_feats, train_labels, lam / n, num_classes, max_iter, tol, dtype)
+        top1, top5 = _topk_correct(val_feats @ weight.T, val_labels)
+        if not math.isfinite(info["objective"]):
+            raise FloatingPointError(f"logistic regression diverged for lambda {lam}")
+        rows.append({"lambda": lam, "lambda_eff": lam / n, "C": 1.0 / lam, "top1": round(top1, 4),
+                     "top5": round(top5, 4), **info})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def semisup_eval(model, args, device) -> dict:
+    import torch
+
+    from .features import extract, resolve_token
+
+    token = resolve_token(model, args.token)
+    n_blocks = args.n_last_blocks
+    if n_blocks > 1 and hasattr(model, "blocks"):
+        n_blocks = min(n_blocks, len(model.blocks))
+    data = eval_datasets(args, model)
+    train_set, val_set = data[args.train_split], data[args.val_split]
+    if args.subset_file:
+        idx = subset_from_file(args.subset_file, train_set)
+        how = f"subset file {args.subset_file}"
+    else:
+        idx = subset_indices(train_set.targets, args.percent, args.sampling, args.seed)
+        how = f"{args.percent:g}% {args.sampling} (seed {args.seed})"
+    feat_kw = dict(token=token, n_last_blocks=n_blocks)
+    ftr, ytr = extract(model, loader(torch.utils.data.Subset(train_set, idx.tolist()), args), device, **feat_kw)
+    fva, yva = extract(model, loader(val_set, args), device, **feat_kw)
+    num_classes = len(getattr(train_set, "classes", None) or []) or None
+    rows = evaluate_lambdas(ftr.to(device), ytr, fva, yva, args.lambdas, num_classes, args.max_iter, args.tol,
+                            getattr(torch, args.fit_dtype))
+    best = max(rows, key=lambda r: r["top1"])
+    return {"token": token, "n_last_blocks": n_blocks, "subset": how, "num_train": len(ytr),
+            "num_train_split": len(train_set), "num_val": len(yva), "feature_dim": int(ftr.shape[1]),
+            "classes_in_subset": int(torch.unique(ytr).numel()), "results": rows, "best": best}
+
+
+def run(args) -> int:
+    if min(args.lambdas) <= 0:
+        raise ValueError(f"--lambdas must be > 0, got {args.lambdas}")
+    if args.n_last_blocks < 1 or args.max_iter < 1:
+        raise ValueError("--n-last-blocks and --max-iter must be >= 1")
+    if args.subset_file is None and not 0 < args.percent <= 100:
+        raise ValueError(f"--percent must be in (0, 100], got {args.percent}")
+    check_data(args)
+    device = resolve_device(args.device)
+    model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()
+    res = semisup_eval(model, args, device)
+    name = args.model or model.pretrained_cfg.get("architecture", "model")
+    print(f"semi-supervised logistic regression on {args.data} for {name}"
+          + (f" from {args.checkpoint}" if args.checkpoint else " (random init)")
+          + f": {res['subset']}, {res['num_train']} of {res['num_train_split']} train images "
+            f"({res['classes_in_subset']} classes), {res['num_val']} val, token {res['token']}, "
+            f"{res['feature_dim']}-d")
+    for r in res["results"]:
+        print(f"  lambda {r['lambda']:<6g} (C={r['C']:g})  top-1 {r['top1']:6.2f}%  top-5 {r['top5']:6.2f}%  "
+              f"[{r['iterations']} L-BFGS iterations, grad {r['grad_max']:.1e}]")
+    print(f"  best: lambda {res['best']['lambda']:g}, top-1 {res['best']['top1']:.2f}%")
+    rows = [{"model": name, "checkpoint": args.checkpoint or "", "subset": res["subset"], **r} for r in res["results"]]
+    write_results(args.out, "semisup", rows, {**res, "model": name, "checkpoint": args.checkpoint,
+                                              "percent": None if args.subset_file else args.percent,
+                                              "sampling": None if args.subset_file else args.sampling})
+    return 0
