@@ -212,22 +212,10 @@ def target_size(h: int, w: int, short_side: int, multiple: int, patch: int) -> t
 def load_vit(model_name: str | None, checkpoint: str | None, seed: int = 0):
     """A ViT for dense features at any input size (``dynamic_img_size``), from a name and/or weights (any weights
     ``visionzoo knn`` accepts, a ``visionzoo pretrain`` run folder included)."""
-    import torch
+    from ..engine.knn import load_model
 
-    import visionzoo
-    from ..engine.knn import resolve_checkpoint
-    from ..models import load_pretrained
-
-    torch.manual_seed(seed)
-    kw = dict(num_classes=0, dynamic_img_size=True)
     try:
-        if model_name is None and checkpoint and os.path.isfile(os.path.join(checkpoint, "config.json")):
-            model = load_pretrained(checkpoint, **kw)
-        elif model_name is None:
-            raise ValueError("--model is needed unless --checkpoint is a folder written by save_pretrained")
-        else:
-            model = visionzoo.create_model(model_name, checkpoint_path=resolve_checkpoint(checkpoint)
-                                           if checkpoint else None, **kw)
+        model = load_model(model_name, checkpoint, num_classes=0, seed=seed, dynamic_img_size=True)
     except TypeError as e:
         if "dynamic_img_size" not in str(e):
             raise

@@ -192,8 +192,11 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
         if cls is TrainConfig and is_pretrain_recipe(path):
             raise RecipeError(f"{path.stem} is a self-supervised pretraining recipe: run "
                               f"`visionzoo pretrain --recipe {recipe}` (train/finetune take supervised recipes).")
-        if cls is TrainConfig and path.parent.name == "pointcloud":
-            raise RecipeError(f"{path.stem} is a point-cloud recipe: run `visionzoo pointcloud --recipe {recipe}`.")
+        task_tools = {"pointcloud": ("a point-cloud", "pointcloud"), "detection": ("a detection", "detect train"),
+                      "segmentation": ("a segmentation", "segment train")}
+        if cls is TrainConfig and path.parent.name in task_tools:
+            kind, tool = task_tools[path.parent.name]
+            raise RecipeError(f"{path.stem} is {kind} recipe: run `visionzoo {tool} --recipe {recipe}`.")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"Recipe {path} must be a YAML mapping of key: value.")

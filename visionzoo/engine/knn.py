@@ -85,8 +85,9 @@ def resolve_checkpoint(path: str) -> str:
     raise FileNotFoundError(f"checkpoint not found: {path}")
 
 
-def load_model(model_name: str | None, checkpoint: str | None, num_classes: int = 0, seed: int = 0):
-    """A model for feature extraction or fine-tuning, from a name and/or weights (see ``--checkpoint``)."""
+def load_model(model_name: str | None, checkpoint: str | None, num_classes: int = 0, seed: int = 0, **model_kwargs):
+    """A model for feature extraction or fine-tuning, from a name and/or weights (see ``--checkpoint``);
+    ``model_kwargs`` go to the constructor (e.g. ``dynamic_img_size=True`` for dense features)."""
     import torch
 
     import visionzoo
@@ -94,13 +95,13 @@ def load_model(model_name: str | None, checkpoint: str | None, num_classes: int 
 
     torch.manual_seed(seed)  # a random-init model (the usual baseline) is the same in every run
     if model_name is None and checkpoint and os.path.isfile(os.path.join(checkpoint, "config.json")):
-        return load_pretrained(checkpoint, num_classes=num_classes)  # the folder names its architecture
+        return load_pretrained(checkpoint, num_classes=num_classes, **model_kwargs)  # the folder names its arch
     if checkpoint:
         checkpoint = resolve_checkpoint(checkpoint)
     if model_name is None:
         raise ValueError("--model is needed unless --checkpoint is a folder written by save_pretrained "
                          "(config.json + model.safetensors).")
-    return visionzoo.create_model(model_name, checkpoint_path=checkpoint, num_classes=num_classes)
+    return visionzoo.create_model(model_name, checkpoint_path=checkpoint, num_classes=num_classes, **model_kwargs)
 
 
 def eval_datasets(args, model, splits=None, transform=None):
