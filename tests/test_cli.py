@@ -72,7 +72,8 @@ def test_console_script_registers_models_before_running_a_command():
 def test_tool_help_does_not_import_torch():
     code = ("import sys; sys.argv[0] = '/usr/local/bin/visionzoo'\n"
             "import visionzoo.cli as c\n"
-            "for cmd in ('pretrain', 'knn', 'linear', 'finetune', 'transfer', 'pointcloud'):\n"
+            "for cmd in ('pretrain', 'knn', 'linear', 'finetune', 'transfer', 'pointcloud', 'detect', 'segment',\n"
+            "            'semisup', 'videoseg'):\n"
             "    try:\n        c.main([cmd, '--help'])\n    except SystemExit:\n        pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
