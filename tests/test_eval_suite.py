@@ -203,6 +203,14 @@ def test_every_shipped_recipe_loads_into_its_config():
             assert PointCloudConfig.from_yaml(str(find_recipe(name))).epochs > 0, name
             with pytest.raises(ValueError, match="point-cloud recipe"):
                 load_config(name)
+        elif name.startswith(("detection/", "segmentation/")):
+            from visionzoo.dense.detection import DetectionConfig
+            from visionzoo.dense.segmentation import SegmentationConfig
+
+            task_cfg = DetectionConfig if name.startswith("detection/") else SegmentationConfig
+            assert task_cfg.from_yaml(str(find_recipe(name))).lr > 0, name
+            with pytest.raises(ValueError, match=f"{name.split('/')[0]} recipe"):
+                load_config(name)
         else:
             cfg = load_config(name)
             assert cfg.global_batch(cfg.world_size) > 0, name
