@@ -129,9 +129,6 @@ def test_legacy_checkpoint_through_dense_backbone(source, tmp_path):
             torch.testing.assert_close(o, r, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(reason="build_backbone first builds the classifier form of a non-fork_feat CoC name, which a "
-                          "dense checkpoint (no norm/head) cannot fill: needs the patch in "
-                          "docs/dense/coc_dense_checkpoints.md; remove this mark once applied", strict=False)
 def test_legacy_checkpoint_through_dense_backbone_classifier_name(tmp_path):
     """The same through a classification model name (``coc_test`` here, ``coc_small`` in real use)."""
     backbones = pytest.importorskip("visionzoo.dense.backbones")

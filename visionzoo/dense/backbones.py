@@ -323,8 +323,6 @@ def build_backbone(model: str, *, neck: str = "auto", out_indices=None, checkpoi
         adapter = GPViTAdapter(model, single_stage=(neck == "adapter_single"), checkpoint=ckpt, **kwargs)
         return _finish(_AdapterBackbone(adapter), model)
 
-    from ..models.context_cluster import ContextCluster
-
     import timm
 
     from ..models import check_model_name
@@ -337,10 +335,12 @@ def build_backbone(model: str, *, neck: str = "auto", out_indices=None, checkpoi
         idx = list(out_indices) if out_indices is not None else (
             [2, 5, 8, 11] if depth == 12 else _even_indices(depth))
         kwargs.setdefault("out_norms", tuple(sorted(set(i for i in idx if i != depth - 1))))
+    entry_module = timm.models.model_entrypoint(model).__module__
+    if entry_module == "visionzoo.models.context_cluster" and model != "coc_pointmlp":
+        # the official CoC dense backbone is the fork_feat model (a GroupNorm per stage output); building it directly
+        # also lets mmdet/mmseg checkpoints (stage norms, no norm/head) load under a classification name (coc_small)
+        kwargs.setdefault("fork_feat", True)
     net = visionzoo.create_model(model, checkpoint_path=ckpt, **kwargs)
-    if isinstance(net, ContextCluster) and not net.fork_feat:
-        # the official CoC dense backbone is the fork_feat model (a GroupNorm per stage output)
-        net = visionzoo.create_model(model, checkpoint_path=ckpt, **dict(kwargs, fork_feat=True))
 
     if _is_vit(net):
         if neck == "native":
