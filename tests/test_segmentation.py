@@ -295,12 +295,12 @@ def test_cli_train_eval_resume_is_exact(tmp_path, one_thread, capsys):
     assert [r for r in a["history"] if "loss" in r][-1]["loss"] == [r for r in b["history"] if "loss" in r][-1]["loss"]
     # eval (whole and slide) on the folder the run trained on; results JSON written
     out = tmp_path / "eval.json"
-    assert _cli(["eval", "--checkpoint", str(run1), "--results", str(out), "--device", "cpu"]) == 0
+    assert _cli(["eval", "--checkpoint", str(run1), "--out", str(out), "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["mIoU"] == pytest.approx(res["final"]["mIoU"])
     assert _cli(["eval", "--checkpoint", str(run1), "--mode", "slide", "--device", "cpu"]) == 0
     assert "slide: mIoU" in capsys.readouterr().out
     # the untrained baseline of the learning check: same seed, same initial weights as the run's start
-    assert _cli(["eval", "--recipe", recipe, "--results", str(out), "--device", "cpu"]) == 0
+    assert _cli(["eval", "--recipe", recipe, "--out", str(out), "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["checkpoint"].startswith("untrained")
     # visualize
     img = next((tmp_path / "shapes" / "images" / "validation").glob("*.jpg"))

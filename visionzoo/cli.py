@@ -148,7 +148,7 @@ TOOLS = {
                                   "backbone: train, eval (COCO AP), visualize"),
     "segment": ("dense.segmentation", "semantic segmentation (Semantic FPN, UperNet, SegFormer head) on any "
                                       "backbone: train, eval (mIoU)"),
-    "semisup": ("engine.semisup", "semi-supervised evaluation: logistic regression on 1%/10% of the labels"),
+    "semisup": ("engine.semisup", "semi-supervised evaluation: logistic regression on 1%%/10%% of the labels"),
     "videoseg": ("dense.video", "video object segmentation by label propagation (DAVIS-2017 layout, J&F)"),
 }
 

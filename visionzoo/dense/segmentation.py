@@ -973,7 +973,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints iter_N.pth, log.jsonl, results.json)")
     p.add_argument("--resume", nargs="?", const="__out__", default=None,
                    help="continue exactly: a run folder or iter_N.pth (no value: the --out folder)")
-    p.add_argument("--data-dir", default=None, help="ADE20K root (images/, annotations/)")
+    p.add_argument("--data", "--data-dir", dest="data_dir", default=None, help="ADE20K root (images/, annotations/)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="per process")
     p.add_argument("--lr", type=float, default=None)
@@ -986,8 +986,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", help="evaluate the recipe's UNTRAINED model (seeded as `train` seeds it; with its "
                                     "`pretrained` backbone if set): the learning-check baseline")
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the recipe's test_mode")
-    p.add_argument("--data-dir", default=None, help="default: the folder the run trained on")
-    p.add_argument("--results", default=None, help="write the metrics JSON here")
+    p.add_argument("--data", "--data-dir", dest="data_dir", default=None,
+                   help="ADE20K root; default: the folder the run trained on")
+    p.add_argument("--out", "--results", dest="results", default=None, help="write the metrics JSON here")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     _common(p)
     p = sub.add_parser("visualize", help="colour overlay of the predicted classes on one image")
