@@ -79,8 +79,13 @@ def test_legacy_mmdet_checkpoint_loads_and_matches(source, tmp_path, caplog):
     path = tmp_path / "coc_small_4_mask_rcnn.pth"
     torch.save(ckpt, path)
 
-    with caplog.at_level("WARNING"):
-        model = visionzoo.create_model("coc_small_feat2", checkpoint_path=path).eval()  # strict load
+    # listen on the module's logger itself: the engine's setup_logging stops "visionzoo" from propagating to root
+    cc._logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger=cc._logger.name):
+            model = visionzoo.create_model("coc_small_feat2", checkpoint_path=path).eval()  # strict load
+    finally:
+        cc._logger.removeHandler(caplog.handler)
     assert "legacy_norm" in caplog.text
     mixers = [m for m in model.modules() if isinstance(m, cc.Cluster)]
     assert mixers and all(m.legacy_norm for m in mixers)
