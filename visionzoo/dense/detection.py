@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 DETECTORS = ("mask_rcnn", "retinanet")
 MULTISCALE_DETR = tuple(range(480, 801, 32))  # DETR-style short sides (mmdet 3x / UDI configs)
@@ -108,23 +107,15 @@ class DetectionConfig:
 
     @classmethod
     def from_yaml(cls, recipe: str) -> "DetectionConfig":
-        from ..engine.config import find_recipe
+        from ..engine.config import read_recipe
 
-        data = yaml.safe_load(find_recipe(recipe).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"recipe {recipe}: must be a YAML mapping of key: value")
-        return cls.from_dict(data, recipe)
+        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "DetectionConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            import difflib
+        from ..engine.config import check_config_keys
 
-            hints = {k: difflib.get_close_matches(k, sorted(valid), n=1) for k in unknown}
-            hint = "; ".join(f"{k} (did you mean {h[0]}?)" if h else k for k, h in hints.items())
-            raise ValueError(f"{source}: unknown detection keys: {hint}. Valid keys: {', '.join(sorted(valid))}")
+        check_config_keys(data, cls, "detection", source)
         cfg = cls(**data)
         cfg.check()
         return cfg
@@ -825,13 +816,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> DetectionConfig:
-    cfg = DetectionConfig.from_yaml(args.recipe)
-    data = dataclasses.asdict(cfg)
-    for kv in args.set or []:
-        if "=" not in kv:
-            raise ValueError(f"--set takes KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        data[k] = yaml.safe_load(v)
+    from ..engine.config import apply_overrides
+
+    data = apply_overrides(dataclasses.asdict(DetectionConfig.from_yaml(args.recipe)), args.set, DetectionConfig)
     if args.data is not None:
         data["data_dir"] = args.data
     for key in ("pretrained", "epochs", "batch_size", "lr", "workers"):

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 SCANOBJECTNN_CLASSES = ("bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
                         "bed", "pillow", "sink", "sofa", "toilet")
@@ -72,13 +71,10 @@ class PointCloudConfig:
 
     @classmethod
     def from_yaml(cls, recipe: str) -> "PointCloudConfig":
-        from ..engine.config import find_recipe
+        from ..engine.config import check_config_keys, read_recipe
 
-        data = yaml.safe_load(find_recipe(recipe).read_text()) or {}
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"recipe {recipe}: unknown point-cloud keys {unknown}; valid keys: {sorted(valid)}")
+        data = read_recipe(recipe)
+        check_config_keys(data, cls, "point-cloud", f"recipe {recipe}")
         return cls(**data)
 
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -118,27 +117,18 @@ class SegmentationConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "recipe") -> "SegmentationConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            import difflib
+        from ..engine.config import check_config_keys
 
-            hints = [f"{u}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, valid, 1)) else "")
-                     for u in unknown]
-            raise ValueError(f"{source}: unknown segmentation keys {', '.join(hints)}; valid keys: {sorted(valid)}")
+        check_config_keys(data, cls, "segmentation", source)
         cfg = cls(**data)
         cfg.check()
         return cfg
 
     @classmethod
     def from_yaml(cls, recipe: str) -> "SegmentationConfig":
-        from ..engine.config import find_recipe
+        from ..engine.config import read_recipe
 
-        path = find_recipe(recipe)
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"recipe {path} must be a YAML mapping of key: value")
-        return cls.from_dict(data, f"recipe {recipe}")
+        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
 
     def check(self) -> None:
         if self.head not in HEADS:
@@ -1004,23 +994,15 @@ def _common(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def _parse_sets(items) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def config_from_args(args) -> SegmentationConfig:
+    from ..engine.config import apply_overrides
+
     cfg = SegmentationConfig.from_yaml(args.recipe)
     data = dataclasses.asdict(cfg)
     for key in ("data_dir", "iters", "batch_size", "lr", "workers"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
-    data.update(_parse_sets(args.set))
+    data = apply_overrides(data, args.set, SegmentationConfig)
     return SegmentationConfig.from_dict(data, "--set")
 
 

@@ -175,13 +175,27 @@ def _split_override(item: str) -> tuple[str, str]:
     return k.strip().lstrip("-"), v
 
 
-def config_from_dict(data: dict, cls=TrainConfig):
+def check_config_keys(data: dict, cls, what: str = "config", source: str = "recipe") -> None:
+    """Refuse keys that are not fields of the config dataclass ``cls``, naming each with its closest valid key."""
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - valid)
     if unknown:
         hints = {u: difflib.get_close_matches(u, sorted(valid), n=1) for u in unknown}
         detail = ", ".join(f"{u}" + (f" (did you mean {h[0]}?)" if h else "") for u, h in hints.items())
-        raise RecipeError(f"Unknown config keys: {detail}")
+        raise RecipeError(f"{source}: unknown {what} keys: {detail}. Valid keys: {', '.join(sorted(valid))}")
+
+
+def read_recipe(recipe: str) -> dict:
+    """The key: value mapping of a shipped recipe name or a YAML path."""
+    path = find_recipe(recipe)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"Recipe {path} must be a YAML mapping of key: value.")
+    return data
+
+
+def config_from_dict(data: dict, cls=TrainConfig):
+    check_config_keys(data, cls)
     return cls(**data)
 
 
@@ -197,10 +211,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
         if cls is TrainConfig and path.parent.name in task_tools:
             kind, tool = task_tools[path.parent.name]
             raise RecipeError(f"{path.stem} is {kind} recipe: run `visionzoo {tool} --recipe {recipe}`.")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise RecipeError(f"Recipe {path} must be a YAML mapping of key: value.")
-        data.update(loaded)
+        data.update(read_recipe(str(path)))
     data = apply_overrides(data, overrides, cls)
     return config_from_dict(data, cls)
 

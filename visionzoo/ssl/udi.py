@@ -125,13 +125,9 @@ class UDIConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UDIConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            import difflib
+        from ..engine.config import check_config_keys
 
-            hints = [f"{k} (did you mean {', '.join(difflib.get_close_matches(k, names, 2)) or '?'})" for k in unknown]
-            raise ValueError(f"Unknown UDI recipe key(s): {'; '.join(hints)}. Valid keys: {', '.join(sorted(names))}.")
+        check_config_keys(d, cls, "UDI")
         d = dict(d)
         for k in ("global_crops_scale", "local_crops_scale"):
             if k in d and d[k] is not None:
@@ -140,14 +136,9 @@ class UDIConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "UDIConfig":
-        import yaml
+        from ..engine.config import read_recipe
 
-        from ..engine.config import find_recipe
-
-        path = find_recipe(str(path))  # a YAML path or a shipped name such as udi/pretrain_vit_small_300ep
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of recipe keys, found {type(data).__name__}.")
+        data = read_recipe(str(path))  # a YAML path or a shipped name such as udi/pretrain_vit_small_300ep
         data.update(overrides)
         return cls.from_dict(data)
 
