@@ -466,13 +466,9 @@ class GPViTAdapter(nn.Module):
 # checkpoints
 
 def _unwrap(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    for key in ("state_dict", "state_dict_ema", "model"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
+    from ..models._registry import unwrap_state_dict
+
+    return unwrap_state_dict(state_dict, ("state_dict", "state_dict_ema", "model"))
 
 
 def _gpvit_part(state_dict: Dict[str, torch.Tensor], model: GPViTAdapter) -> Dict[str, torch.Tensor]:

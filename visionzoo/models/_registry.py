@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -108,18 +107,23 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
                 f"Could not read {path} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
                 "Convert it to safetensors or re-save its state_dict."
             ) from None
-    keys = ("state_dict_ema", "model_ema", "state_dict", "model", "module") if use_ema else (
-        "state_dict", "model", "module", "state_dict_ema")
-    if isinstance(sd, dict):
-        for k in keys:
-            if k in sd and isinstance(sd[k], dict):
-                sd = sd[k]
-                break
     if not isinstance(sd, dict):
         raise CheckpointMismatchError(f"{path} does not hold a state dict (found {type(sd).__name__}).")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    if use_ema:
+        return unwrap_state_dict(sd, ("state_dict_ema", "model_ema", "state_dict", "model", "module"))
+    return unwrap_state_dict(sd)
+
+
+def unwrap_state_dict(state_dict: dict, keys: tuple = ("state_dict", "model", "module", "state_dict_ema")) -> dict:
+    """The weights inside a training checkpoint: the first of ``keys`` that holds a dict (timm's ``state_dict`` /
+    ``state_dict_ema``, mmcv's ``state_dict``, DeiT/dino's ``model``), without DDP's ``module.`` prefix."""
+    for key in keys:
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def family_filter_fn(model: nn.Module) -> Callable | None:

@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
+
+from ._registry import unwrap_state_dict
 
 __all__ = [
     "ContextCluster", "Cluster", "ClusterBlock", "PointReducer", "GroupNorm1", "checkpoint_filter_fn",
@@ -233,7 +235,6 @@ class Cluster(nn.Module):
             return t.reshape(B * E * fr * fc, D, h, w)
 
         value, p = to_regions(value), to_regions(p)
-        Bp = p.shape[0]
         centers = F.adaptive_avg_pool2d(p, self.proposal).flatten(2).transpose(1, 2)  # [B', M, D]
         value_centers = F.adaptive_avg_pool2d(value, self.proposal).flatten(2).transpose(1, 2)
         points = p.flatten(2).transpose(1, 2)  # [B', N, D]
@@ -597,12 +598,7 @@ _LEGACY_MIXER = {"token_mixer.fc1.": "token_mixer.f.", "token_mixer.fc2.": "toke
 def _unwrap(state_dict: dict) -> dict:
     """Training-script wrappers: timm train.py (``state_dict`` / ``state_dict_ema``), mmcv (``state_dict``, keys
     under ``backbone.``), plain ``model``; and DDP's ``module.`` prefix."""
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict, ("state_dict", "model", "state_dict_ema", "model_ema"))
     if any(k.startswith("backbone.") for k in state_dict):  # mmdet/mmseg detector or segmentor checkpoint
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     return state_dict

@@ -12,7 +12,6 @@ Key names follow the official CSWin code (``stage1_conv_embed``, ``stage{1..4}.j
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,6 +22,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+
+from ._registry import unwrap_state_dict
 
 __all__ = ["CSWinTransformer", "CSWinBlock", "GroupConvMlp", "channel_shuffle", "checkpoint_filter_fn"]
 
@@ -361,15 +362,7 @@ class CSWinTransformer(nn.Module):
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     """Official CSWin checkpoints use our key names already; unwrap training wrappers and drop extras."""
-    for k in ("state_dict_ema", "state_dict", "model"):
-        if k in state_dict and isinstance(state_dict[k], dict):
-            state_dict = state_dict[k]
-            break
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
-        out[k] = v
+    out = dict(unwrap_state_dict(state_dict, ("state_dict_ema", "state_dict", "model")))
     return out
 
 

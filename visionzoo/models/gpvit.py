@@ -33,6 +33,8 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ._registry import unwrap_state_dict
+
 __all__ = ["GPViT", "checkpoint_filter_fn"]
 
 # Layer indices and group-token counts of the GP blocks in all four official variants.
@@ -692,12 +694,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GPViT) -> D
     weights are dropped when the model has no neck/classifier; ``out_norms`` the checkpoint lacks (a classification
     checkpoint loaded into a dense-prediction backbone) start as identity LayerNorms, as the official ones do.
     """
-    for key in ("state_dict", "state_dict_ema", "model"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict, ("state_dict", "state_dict_ema", "model"))
 
     if _is_official(state_dict):
         gp_layers = {int(m.group(1)) for k in state_dict

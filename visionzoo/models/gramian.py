@@ -33,6 +33,7 @@ from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtStage
 
 from .cswin import CSWinBlock, CSWinTransformer, channel_shuffle, linspace
+from ._registry import unwrap_state_dict
 
 __all__ = ["GramianNet", "GramianHeads", "GALoss", "checkpoint_filter_fn", "stage3_capture_blocks"]
 
@@ -773,13 +774,7 @@ _HEAD_KEY = re.compile(r"^(gram_contraction|gram_layer|gram_embedding|ga|fc)\.(\
 
 
 def _unwrap(state_dict: dict) -> dict:
-    for k in ("state_dict_ema", "state_dict", "model"):
-        if k in state_dict and isinstance(state_dict[k], dict):
-            state_dict = state_dict[k]
-            break
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
+    return unwrap_state_dict(state_dict, ("state_dict_ema", "state_dict", "model"))  # GA ships EMA weights
 
 
 def _head_target(kind: str, rest: str, cswin_gram_layer: bool):
