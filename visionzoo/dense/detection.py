@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.config import TaskConfig
+
 DETECTORS = ("mask_rcnn", "retinanet")
 MULTISCALE_DETR = tuple(range(480, 801, 32))  # DETR-style short sides (mmdet 3x / UDI configs)
 
@@ -50,7 +52,7 @@ MULTISCALE_DETR = tuple(range(480, 801, 32))  # DETR-style short sides (mmdet 3x
 # config
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig(TaskConfig):
     """A detection recipe (YAML, flat keys; unknown keys are an error)."""
 
     detector: str = "mask_rcnn"  # mask_rcnn | retinanet
@@ -104,21 +106,6 @@ class DetectionConfig:
     log_interval: int = 50  # iterations
     seed: int = 0
     notes: str = ""
-
-    @classmethod
-    def from_yaml(cls, recipe: str) -> "DetectionConfig":
-        from ..engine.config import read_recipe
-
-        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "DetectionConfig":
-        from ..engine.config import check_config_keys
-
-        check_config_keys(data, cls, "detection", source)
-        cfg = cls(**data)
-        cfg.check()
-        return cfg
 
     def check(self) -> None:
         if self.detector not in DETECTORS:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.config import TaskConfig
+
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 HEADS = ("fpn", "upernet", "segformer")
@@ -44,7 +46,7 @@ HEADS = ("fpn", "upernet", "segformer")
 # config
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(TaskConfig):
     """One segmentation recipe (flat keys, ``visionzoo/recipes/segmentation/*.yaml``)."""
 
     # backbone (visionzoo.dense.backbones.build_backbone)
@@ -111,24 +113,6 @@ class SegmentationConfig:
     log_interval: int = 50
     seed: int = 0
     notes: str = ""
-
-    def global_batch(self, world_size: int | None = None) -> int:
-        return self.batch_size * (world_size or 1)
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "recipe") -> "SegmentationConfig":
-        from ..engine.config import check_config_keys
-
-        check_config_keys(data, cls, "segmentation", source)
-        cfg = cls(**data)
-        cfg.check()
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, recipe: str) -> "SegmentationConfig":
-        from ..engine.config import read_recipe
-
-        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
 
     def check(self) -> None:
         if self.head not in HEADS:

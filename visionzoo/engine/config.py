@@ -194,6 +194,30 @@ def read_recipe(recipe: str) -> dict:
     return data
 
 
+class TaskConfig:
+    """Base of the task recipe dataclasses (detection, segmentation): ``from_yaml`` / ``from_dict`` refuse unknown
+    keys with a hint, then ``check()`` validates the values."""
+
+    task = "config"  # names the task in error messages
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "recipe"):
+        check_config_keys(data, cls, cls.task, source)
+        cfg = cls(**data)
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, recipe: str):
+        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
+
+    def check(self) -> None:
+        pass
+
+    def global_batch(self, world_size: int | None = None) -> int:
+        return self.batch_size * (world_size or 1)
+
+
 def config_from_dict(data: dict, cls=TrainConfig):
     check_config_keys(data, cls)
     return cls(**data)
