@@ -224,6 +224,32 @@ def test_embedded_videos_are_deterministic_davis_layout(tmp_path):
     assert not np.array_equal(labels[0], labels[-1])  # objects move
 
 
+def test_texture_style_is_deterministic_and_colour_blind(tmp_path):
+    """``style="texture"``: same frames from the same seed, objects move, and object and background pixels have the
+    same colour statistics (so colour cannot separate them), unlike the default style."""
+    fa, la = video.render_video(5, 6, (48, 64), style="texture")
+    fb, lb = video.render_video(5, 6, (48, 64), style="texture")
+    assert np.array_equal(fa, fb) and np.array_equal(la, lb)
+    assert not np.array_equal(la[0], la[-1]) and la[0].max() >= 1
+    assert not np.array_equal(fa, video.render_video(6, 6, (48, 64), style="texture")[0])
+
+    def gap(frames, labels):  # largest per-channel |mean| and |std| difference, in units of the pixel std
+        obj, bg = frames[labels > 0].astype(np.float64), frames[labels == 0].astype(np.float64)
+        scale = frames.reshape(-1, 3).std(0)
+        return max(np.abs(obj.mean(0) - bg.mean(0)).max() / scale.max(),
+                   np.abs(obj.std(0) - bg.std(0)).max() / scale.max())
+
+    for seed in range(3):
+        assert gap(*video.render_video(seed, 6, (48, 64), style="texture")) < 0.05
+    assert max(gap(*video.render_video(seed, 6, (48, 64))) for seed in range(3)) > 0.3  # the check can fail
+    root = video.write_davis(tmp_path / "t", n_sequences=1, n_frames=3, size=(48, 64), seed=2, style="texture")
+    assert video.list_sequences(root) == ["texture_val_000"]
+    with pytest.raises(ValueError, match="texture"):
+        video.render_video(0, 2, (48, 64), style="stripes")
+    args = _parse(["make-data", str(tmp_path / "m"), "--style", "texture", "--sequences-count", "1"])
+    assert args.style == "texture"
+
+
 def test_cli_end_to_end_shapes(tmp_path, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "run"

@@ -19,7 +19,9 @@ averaged over all objects.
 
 ``--data shapes`` (or ``visionzoo videoseg make-data``) writes an embedded procedural video set in DAVIS layout:
 textured shapes moving (and occluding each other) over a slowly panning textured background, deterministic from a
-seed, so the whole path runs on CPU in tests. torch is imported lazily so ``visionzoo --help`` stays fast.
+seed, so the whole path runs on CPU in tests. ``--style texture`` (``--data-style texture``) makes objects and
+background share one colour distribution so only their textures separate them (raw pixels no longer solve it).
+torch is imported lazily so ``visionzoo --help`` stays fast.
 """
 from __future__ import annotations
 
@@ -84,14 +86,110 @@ def _texture(rng: np.random.Generator, h: int, w: int, yy: np.ndarray, xx: np.nd
     return out + rng.uniform(-25, 25, size=3) * checker
 
 
-def render_video(seed: int, n_frames: int = 16, size: tuple[int, int] = (96, 128), max_objects: int = 3):
-    """One sequence: ``(frames uint8 [T, H, W, 3], labels uint8 [T, H, W])``; label k = object k (0 background).
+def _oriented_noise(rng: np.random.Generator, h: int, w: int, theta: float, freq: float) -> np.ndarray:
+    """Band-pass filtered white noise ``[h, w]`` with energy around spatial frequency ``freq`` (cycles / pixel)
+    and orientation ``theta`` (wave vector angle), scaled to zero mean and unit variance: a stochastic, oriented
+    texture whose per-pixel values are Gaussian whatever its orientation and frequency."""
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.fftfreq(w)[None, :]
+    radius = np.hypot(ky, kx)
+    dang = np.angle(np.exp(2j * (np.arctan2(ky, kx) - theta))) / 2  # angle difference modulo pi
+    gain = np.exp(-((radius - freq) / (0.3 * freq)) ** 2 / 2) * np.exp(-(dang / 0.25) ** 2 / 2)
+    field = np.real(np.fft.ifft2(np.fft.fft2(rng.normal(size=(h, w))) * gain))
+    return (field - field.mean()) / max(float(field.std()), 1e-12)
 
-    1..max_objects shapes (ellipse, rectangle, triangle) with their own textures (which move with them) travel
-    along straight lines, bouncing off the borders, in front of a panning textured background; later objects are
-    in front (occlusions happen). Every object is visible in the first frame.
+
+def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects: int):
+    """``render_video(style="texture")``: objects and background are separable by texture only.
+
+    Background and objects are oriented band-pass noise fields (unit-variance Gaussian per pixel) mapped through
+    ONE colour ramp per sequence (``base + s * amp``), so object and background pixels have the same colour
+    distribution (each region is also standardised per frame). The orientations of the background's and the
+    objects' textures are spread evenly over 180 degrees (+- 9) and each object's frequency is the background's
+    x1.8 or /1.8. The textures also change over time (each frame blends two fields with an angle that advances
+    1.2 rad per frame, so pixels decorrelate within a few frames), the objects move with their texture, spin and
+    pulse in size, and the background pans: a raw-pixel patch match cannot follow them for long.
     """
     from PIL import ImageDraw
+
+    h, w = size
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(90, 165, size=3)
+    amp = rng.uniform(25, 40, size=3) * rng.choice([-1.0, 1.0], size=3)
+    pad = 2 * max(h, w)
+    theta_bg, f_bg = rng.uniform(0, math.pi), rng.uniform(0.1, 0.16)
+    bg = [_oriented_noise(rng, h + pad, w + pad, theta_bg, f_bg) for _ in range(2)]
+    pan = rng.uniform(-1.0, 1.0, size=2)
+    n_obj = int(rng.integers(1, max_objects + 1))
+    objs = []
+    for i in range(n_obj):
+        r = rng.uniform(0.14, 0.24) * min(h, w)
+        theta = theta_bg + math.pi * (i + 1) / (n_obj + 1) + rng.uniform(-0.15, 0.15)  # evenly spread
+        freq = f_bg * (1.8 if rng.random() < 0.5 else 1 / 1.8)
+        objs.append(dict(kind=int(rng.integers(3)), r=r, aspect=rng.uniform(0.7, 1.3),
+                         pos=np.array([rng.uniform(r, h - r), rng.uniform(r, w - r)]),
+                         vel=rng.uniform(-3.0, 3.0, size=2), angle=rng.uniform(0, 2 * math.pi),
+                         spin=rng.uniform(-0.08, 0.08), pulse=rng.uniform(0.1, 0.2),
+                         pulse_rate=rng.uniform(0.2, 0.5), phase=rng.uniform(0, 2 * math.pi),
+                         tex=[_oriented_noise(rng, 2 * h, 2 * w, theta, freq) for _ in range(2)]))
+    mix = rng.uniform(0, 2 * math.pi)
+    frames = np.empty((n_frames, h, w, 3), dtype=np.uint8)
+    labels = np.zeros((n_frames, h, w), dtype=np.uint8)
+    for t in range(n_frames):  # frames depend on the previous positions: a loop over time is inherent
+        a = mix + 1.2 * t  # texture evolution: unit variance is kept by the cos / sin blend
+        oy, ox = np.clip(np.round(pan * t).astype(int) + pad // 2, 0, pad)
+        s = (math.cos(a) * bg[0] + math.sin(a) * bg[1])[oy:oy + h, ox:ox + w].copy()
+        for k, o in enumerate(objs, start=1):
+            cy, cx = o["pos"]
+            r = o["r"] * (1 + o["pulse"] * math.sin(o["pulse_rate"] * t + o["phase"]))
+            n_vert = {0: 40, 1: 4, 2: 3}[o["kind"]]
+            ang = o["angle"] + 2 * math.pi * np.arange(n_vert) / n_vert
+            poly = np.stack([cx + r * o["aspect"] * np.cos(ang), cy + r * np.sin(ang)], axis=1)
+            canvas = Image.new("L", (w, h), 0)
+            ImageDraw.Draw(canvas).polygon([tuple(p) for p in poly.tolist()], fill=1)
+            mask = np.asarray(canvas, dtype=bool)
+            # the texture window moves with the object (integer shift of a 2h x 2w field)
+            y0, x0 = h - int(round(cy)), w - int(round(cx))
+            tex = math.cos(a + k) * o["tex"][0] + math.sin(a + k) * o["tex"][1]
+            s[mask] = tex[y0:y0 + h, x0:x0 + w][mask]
+            labels[t][mask] = k
+            o["pos"] = o["pos"] + o["vel"]
+            lo, hi = np.array([o["r"], o["r"]]), np.array([h - o["r"], w - o["r"]])
+            bounce = (o["pos"] < lo) | (o["pos"] > hi)
+            o["vel"] = np.where(bounce, -o["vel"], o["vel"])
+            o["pos"] = np.clip(o["pos"], lo, hi)
+            o["angle"] += o["spin"]
+        # standardise each region of the frame (background, every object) so their intensity statistics match
+        # exactly and not just in expectation (a small object holds few independent texture samples)
+        for k in np.unique(labels[t]):  # a few labels per frame
+            region = labels[t] == k
+            s[region] = (s[region] - s[region].mean()) / max(float(s[region].std()), 1e-6)
+        img = base + s[..., None] * amp
+        noise = np.random.default_rng(seed * 7919 + t).normal(0, 6, size=img.shape)
+        frames[t] = np.clip(img + noise, 0, 255).astype(np.uint8)
+    return frames, labels
+
+
+STYLES = ("shapes", "texture")
+
+
+def render_video(seed: int, n_frames: int = 16, size: tuple[int, int] = (96, 128), max_objects: int = 3,
+                 style: str = "shapes"):
+    """One sequence: ``(frames uint8 [T, H, W, 3], labels uint8 [T, H, W])``; label k = object k (0 background).
+
+    ``style="shapes"`` (default): 1..max_objects shapes (ellipse, rectangle, triangle) with their own textures
+    (which move with them) travel along straight lines, bouncing off the borders, in front of a panning textured
+    background; later objects are in front (occlusions happen). Every object is visible in the first frame.
+    Each texture has its own colours, so colour alone separates the objects (raw pixels solve it).
+    ``style="texture"``: the same motion, but objects and background share one colour distribution and differ
+    only by the orientation / frequency of their (time-varying) textures; see :func:`_render_texture`.
+    """
+    from PIL import ImageDraw
+
+    if style not in STYLES:
+        raise ValueError(f"unknown video style {style!r}; choose one of {', '.join(STYLES)}")
+    if style == "texture":
+        return _render_texture(seed, n_frames, size, max_objects)
 
     h, w = size
     rng = np.random.default_rng(seed)
@@ -135,16 +233,17 @@ def render_video(seed: int, n_frames: int = 16, size: tuple[int, int] = (96, 128
 
 
 def write_davis(root, n_sequences: int = 4, n_frames: int = 16, size: tuple[int, int] = (96, 128),
-                max_objects: int = 3, seed: int = 0, split: str = "val") -> Path:
+                max_objects: int = 3, seed: int = 0, split: str = "val", style: str = "shapes") -> Path:
     """DAVIS-2017 layout under ``root``: ``JPEGImages/480p/<seq>/%05d.jpg``, palette PNGs
-    ``Annotations/480p/<seq>/%05d.png`` and ``ImageSets/2017/<split>.txt``. Returns ``root``."""
+    ``Annotations/480p/<seq>/%05d.png`` and ``ImageSets/2017/<split>.txt``. Returns ``root``. ``style``: see
+    :func:`render_video` (sequence names start with the style: ``shapes_val_000``, ``texture_val_000``)."""
     root = Path(root)
     palette = davis_palette()
     names = []
     for i in range(n_sequences):
-        name = f"shapes_{split}_{i:03d}"
+        name = f"{style}_{split}_{i:03d}"
         frames, labels = render_video(seed * 100_003 + i + (0 if split == "val" else 50_000), n_frames, size,
-                                      max_objects)
+                                      max_objects, style)
         img_dir, ann_dir = root / "JPEGImages" / RESOLUTION / name, root / "Annotations" / RESOLUTION / name
         img_dir.mkdir(parents=True, exist_ok=True)
         ann_dir.mkdir(parents=True, exist_ok=True)
@@ -545,6 +644,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="val")
+    p.add_argument("--style", default="shapes", choices=STYLES,
+                   help="shapes: objects with their own colours (default); texture: same colours as the background, "
+                        "only the texture (orientation / frequency) differs")
 
 
 def _data_args(p) -> None:
@@ -554,6 +656,7 @@ def _data_args(p) -> None:
     p.add_argument("--split", default="val", help="ImageSets/2017/<split>.txt (default: val)")
     p.add_argument("--sequences", nargs="*", default=None, help="only these sequences")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the 'shapes' videos")
+    p.add_argument("--data-style", default="shapes", choices=STYLES, help="style of the 'shapes' videos")
 
 
 def _resolve_data(args, out: str) -> str:
@@ -561,7 +664,7 @@ def _resolve_data(args, out: str) -> str:
         return args.data
     root = os.path.join(out, "data")
     if not os.path.isdir(os.path.join(root, "JPEGImages")):
-        write_davis(root, seed=args.data_seed, split=args.split)
+        write_davis(root, seed=args.data_seed, split=args.split, style=args.data_style)
     return root
 
 
@@ -597,8 +700,8 @@ def evaluate(model, root, sequences, out: str, device="cpu", **kw) -> dict:
 def run(args) -> int:
     if args.action == "make-data":
         root = write_davis(args.root, args.sequences_count, args.frames, tuple(args.size), seed=args.seed,
-                           split=args.split)
-        print(f"wrote {args.sequences_count} procedural sequences of {args.frames} frames to {root}")
+                           split=args.split, style=args.style)
+        print(f"wrote {args.sequences_count} procedural {args.style} sequences of {args.frames} frames to {root}")
         return 0
     if args.action == "score":
         root = _resolve_data(args, args.out or args.results)
