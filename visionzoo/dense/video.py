@@ -99,6 +99,16 @@ def _oriented_noise(rng: np.random.Generator, h: int, w: int, theta: float, freq
     return (field - field.mean()) / max(float(field.std()), 1e-12)
 
 
+def _step(o: dict, h: int, w: int) -> None:
+    """Move an object one frame on (bouncing off the borders) and spin it."""
+    o["pos"] = o["pos"] + o["vel"]
+    lo, hi = np.array([o["r"], o["r"]]), np.array([h - o["r"], w - o["r"]])
+    bounce = (o["pos"] < lo) | (o["pos"] > hi)
+    o["vel"] = np.where(bounce, -o["vel"], o["vel"])
+    o["pos"] = np.clip(o["pos"], lo, hi)
+    o["angle"] += o["spin"]
+
+
 def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects: int):
     """``render_video(style="texture")``: objects and background are separable by texture only.
 
@@ -153,12 +163,7 @@ def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects
             tex = math.cos(a + k) * o["tex"][0] + math.sin(a + k) * o["tex"][1]
             s[mask] = tex[y0:y0 + h, x0:x0 + w][mask]
             labels[t][mask] = k
-            o["pos"] = o["pos"] + o["vel"]
-            lo, hi = np.array([o["r"], o["r"]]), np.array([h - o["r"], w - o["r"]])
-            bounce = (o["pos"] < lo) | (o["pos"] > hi)
-            o["vel"] = np.where(bounce, -o["vel"], o["vel"])
-            o["pos"] = np.clip(o["pos"], lo, hi)
-            o["angle"] += o["spin"]
+            _step(o, h, w)
         # standardise each region of the frame (background, every object) so their intensity statistics match
         # exactly and not just in expectation (a small object holds few independent texture samples)
         for k in np.unique(labels[t]):  # a few labels per frame
@@ -220,13 +225,7 @@ def render_video(seed: int, n_frames: int = 16, size: tuple[int, int] = (96, 128
             tex = _texture(np.random.default_rng(o["tex_seed"]), h, w, yy - cy, xx - cx)  # moves with the object
             img[mask] = tex[mask]
             labels[t][mask] = k
-            # move, bouncing off the borders
-            o["pos"] = o["pos"] + o["vel"]
-            lo, hi = np.array([o["r"], o["r"]]), np.array([h - o["r"], w - o["r"]])
-            bounce = (o["pos"] < lo) | (o["pos"] > hi)
-            o["vel"] = np.where(bounce, -o["vel"], o["vel"])
-            o["pos"] = np.clip(o["pos"], lo, hi)
-            o["angle"] += o["spin"]
+            _step(o, h, w)
         noise = np.random.default_rng(seed * 7919 + t).normal(0, 6, size=img.shape)
         frames[t] = np.clip(img + noise, 0, 255).astype(np.uint8)
     return frames, labels
