@@ -343,3 +343,20 @@ def test_short_cpu_run_beats_untrained(one_thread, tmp_path, recipe):
     before = det.evaluate_checkpoint(None, cfg=cfg)
     after = det.train(cfg, tmp_path / "run")["last"]
     assert after["bbox_AP50"] > before["bbox_AP50"] + 0.2, (before, after)
+
+
+def test_draw_predictions_marks_only_confident_detections():
+    from visionzoo.dense.detection import draw_predictions
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, 0, 10:20, 10:20] = 1
+    masks[1, 0, 40:50, 40:50] = 1
+    out = dict(boxes=torch.tensor([[5.0, 5.0, 30.0, 30.0], [38.0, 38.0, 52.0, 52.0]]), labels=torch.tensor([1, 2]),
+               scores=torch.tensor([0.9, 0.2]), masks=masks)
+    drawn = np.asarray(draw_predictions(img, out, ["circle", "square", "triangle"], score_thresh=0.5))
+    assert drawn[15, 15].any() and drawn[5, 5].any()  # the mask is blended in, the box outline is drawn
+    assert not drawn[45, 45].any() and not drawn[38, 38].any()  # the low-score detection is not
+    empty = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long), scores=torch.zeros(0),
+                 masks=torch.zeros(0, 1, 64, 64))
+    assert not np.asarray(draw_predictions(img, empty, None)).any()

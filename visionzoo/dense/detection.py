@@ -727,26 +727,23 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
 
 
 def draw_predictions(image: np.ndarray, output: dict, classes, score_thresh: float = 0.5, alpha: float = 0.45):
-    """PIL image: masks blended in a per-detection colour, boxes and ``label score`` text."""
-    from PIL import Image, ImageDraw
+    """PIL image: masks blended in a per-detection colour, boxes and ``label score`` text (torchvision.utils)."""
+    import torch
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    keep = (output["scores"] >= score_thresh).cpu().numpy()
-    canvas = image.astype(np.float32).copy()
-    boxes = output["boxes"].cpu().numpy()[keep]
-    labels = output["labels"].cpu().numpy()[keep]
-    scores = output["scores"].cpu().numpy()[keep]
+    keep = output["scores"] >= score_thresh
+    boxes = output["boxes"][keep].cpu()
     colours = [_PALETTE[i % len(_PALETTE)] for i in range(len(boxes))]
-    if "masks" in output:
-        masks = (output["masks"][:, 0] > 0.5).cpu().numpy()[keep]
-        for m, c in zip(masks, colours):
-            canvas[m] = (1 - alpha) * canvas[m] + alpha * np.array(c, np.float32)
-    pil = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    for b, l, s, c in zip(boxes.tolist(), labels.tolist(), scores.tolist(), colours):
-        draw.rectangle(b, outline=c, width=2)
-        name = classes[l - 1] if classes and 0 < l <= len(classes) else str(l)
-        draw.text((b[0] + 2, b[1] + 1), f"{name} {s:.2f}", fill=c)
-    return pil
+    names = [f"{classes[lab - 1] if classes and 0 < lab <= len(classes) else lab} {score:.2f}"
+             for lab, score in zip(output["labels"][keep].tolist(), output["scores"][keep].tolist())]
+    canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if len(boxes):
+        if "masks" in output:
+            masks = output["masks"][keep][:, 0].cpu() > 0.5
+            canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=colours)
+        canvas = draw_bounding_boxes(canvas, boxes, labels=names, colors=colours, width=2)
+    return Image.fromarray(canvas.permute(1, 2, 0).numpy())
 
 
 def visualize(checkpoint, image_path, out_path, score_thresh: float = 0.5, device="cpu") -> int:
