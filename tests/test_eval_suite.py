@@ -224,3 +224,26 @@ def test_udi_digits_pretraining_never_sees_val_images():
     assert (len(ssl_set), len(knn_train), len(knn_val), num_classes) == (1437, 1437, 360, 10)
     train_ids = set(ssl_set.base.indices.tolist())
     assert not train_ids & set(knn_val.indices.tolist())
+
+
+def test_load_model_from_train_run_and_pretrain_run_folders(tmp_path):
+    """A `visionzoo train` run folder resolves to its best/ model, rebuilt with the arguments in its config.json
+    (here global_pool='avg', whose fc_norm keys a plain udi_vit_test lacks); a `visionzoo pretrain` run folder,
+    whose config.json names no architecture, needs --model and says so."""
+    from visionzoo.engine.knn import load_model, resolve_checkpoint
+
+    torch.manual_seed(3)
+    trained = visionzoo.create_model("udi_vit_test", num_classes=0, global_pool="avg")
+    run = tmp_path / "train_run"
+    visionzoo.save_pretrained(trained, run / "best", model_args={"global_pool": "avg"})
+    assert resolve_checkpoint(str(run)) == str(run / "best" / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    for name in (None, "udi_vit_test"):
+        model = load_model(name, str(run)).eval()
+        assert model.global_pool == "avg"
+        torch.testing.assert_close(model(x), trained.eval()(x))
+    _, pretrain_run = _save_backbone(tmp_path)
+    (pretrain_run / "config.json").write_text(json.dumps({"model": "udi_vit_test", "epochs": 1}))
+    with pytest.raises(ValueError, match="--model is needed"):
+        load_model(None, str(pretrain_run))
+    assert load_model("udi_vit_test", str(pretrain_run)).num_features == 32

@@ -250,6 +250,28 @@ def test_texture_style_is_deterministic_and_colour_blind(tmp_path):
     assert args.style == "texture"
 
 
+def test_lighting_style_relights_each_frame_and_keeps_the_scene(tmp_path):
+    """``style="lighting"``: the default-style scene (same labels) with its own brightness / contrast / saturation /
+    hue per frame, deterministic; make-data --image-folder copies the frames into a pretraining image folder."""
+    fa, la = video.render_video(3, 6, (48, 64), style="lighting")
+    fb, lb = video.render_video(3, 6, (48, 64), style="lighting")
+    shapes, ls = video.render_video(3, 6, (48, 64))
+    assert np.array_equal(fa, fb) and np.array_equal(la, lb) and np.array_equal(la, ls)
+    assert not np.array_equal(fa, shapes)
+
+    def frame_to_frame(frames):  # how much the mean colour of the background moves from frame to frame
+        means = np.stack([f[l == 0].mean(0) for f, l in zip(frames.astype(np.float64), ls)])
+        return np.abs(np.diff(means, axis=0)).mean()
+
+    assert frame_to_frame(fa) > 4 * frame_to_frame(shapes)
+    root = tmp_path / "d"
+    assert video.run(_parse(["make-data", str(root), "--style", "lighting", "--sequences-count", "2", "--frames",
+                             "6", "--size", "32", "48", "--image-folder", str(tmp_path / "img")])) == 0
+    train, val = (sorted((tmp_path / "img" / s / "frames").glob("*.jpg")) for s in ("train", "val"))
+    assert len(train) + len(val) == 12 and len(val) == 1
+    assert train[0].name == "lighting_val_000_00001.jpg" and val[0].name == "lighting_val_000_00000.jpg"
+
+
 def test_cli_end_to_end_shapes(tmp_path, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "run"

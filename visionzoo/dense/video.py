@@ -30,6 +30,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ def _step(o: dict, h: int, w: int) -> None:
     o["angle"] += o["spin"]
 
 
-def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects: int):
+def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects: int, ramp=None):
     """``render_video(style="texture")``: objects and background are separable by texture only.
 
     Background and objects are oriented band-pass noise fields (unit-variance Gaussian per pixel) mapped through
@@ -126,6 +127,8 @@ def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects
     rng = np.random.default_rng(seed)
     base = rng.uniform(90, 165, size=3)
     amp = rng.uniform(25, 40, size=3) * rng.choice([-1.0, 1.0], size=3)
+    if ramp is not None:  # drawn above all the same, so the rest of the sequence does not depend on ``ramp``
+        base, amp = (np.asarray(v, dtype=np.float64) for v in ramp)
     pad = 2 * max(h, w)
     theta_bg, f_bg = rng.uniform(0, math.pi), rng.uniform(0.1, 0.16)
     bg = [_oriented_noise(rng, h + pad, w + pad, theta_bg, f_bg) for _ in range(2)]
@@ -175,7 +178,26 @@ def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects
     return frames, labels
 
 
-STYLES = ("shapes", "texture")
+STYLES = ("shapes", "texture", "lighting")
+
+# per-frame photometric change of the "lighting" style: factor ranges inside DINO's colour jitter (brightness and
+# contrast 0.4, saturation 0.2, hue 0.1), so invariance to them is what the SSL augmentations teach
+LIGHTING = dict(brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.8, 1.2), hue=(-0.1, 0.1))
+
+
+def _relight(frames: np.ndarray, seed: int) -> np.ndarray:
+    """Each frame of ``[T, H, W, 3]`` uint8 with its own random brightness, contrast, saturation and hue
+    (torchvision's colour functions), as auto-exposure and white-balance flicker would do."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    rng = np.random.default_rng(seed)
+    factors = {k: rng.uniform(lo, hi, size=len(frames)) for k, (lo, hi) in LIGHTING.items()}
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # the factors differ per frame: one call per frame
+    out = [TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+        f, float(factors["brightness"][t])), float(factors["contrast"][t])), float(factors["saturation"][t])),
+        float(factors["hue"][t])) for t, f in enumerate(x)]
+    return torch.stack(out).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def render_video(seed: int, n_frames: int = 16, size: tuple[int, int] = (96, 128), max_objects: int = 3,
@@ -188,6 +210,8 @@ def render_video(seed: int, n_frames: int = 16, size: tuple[int, int] = (96, 128
     Each texture has its own colours, so colour alone separates the objects (raw pixels solve it).
     ``style="texture"``: the same motion, but objects and background share one colour distribution and differ
     only by the orientation / frequency of their (time-varying) textures; see :func:`_render_texture`.
+    ``style="lighting"``: the default videos with a random brightness, contrast, saturation and hue per frame
+    (:data:`LIGHTING`): colour is no longer constant over time, so raw colour matching across frames fails.
     """
     from PIL import ImageDraw
 
@@ -195,6 +219,9 @@ def render_video(seed: int, n_frames: int = 16, size: tuple[int, int] = (96, 128
         raise ValueError(f"unknown video style {style!r}; choose one of {', '.join(STYLES)}")
     if style == "texture":
         return _render_texture(seed, n_frames, size, max_objects)
+    if style == "lighting":
+        frames, labels = render_video(seed, n_frames, size, max_objects, "shapes")
+        return _relight(frames, seed * 7919 + 1), labels
 
     h, w = size
     rng = np.random.default_rng(seed)
@@ -253,6 +280,21 @@ def write_davis(root, n_sequences: int = 4, n_frames: int = 16, size: tuple[int,
     (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets" / "2017" / f"{split}.txt").write_text("\n".join(names) + "\n")
     return root
+
+
+def frames_to_image_folder(root, dest, split: str = "val", val_every: int = 12) -> int:
+    """Copy the frames of ``root``'s ``split`` sequences to ``dest/train/frames/<seq>_<frame>.jpg`` (every
+    ``val_every``-th to ``dest/val/frames/``): an image folder for self-supervised pretraining on the videos.
+    Returns the number of frames."""
+    dest = Path(dest)
+    for name in ("train", "val"):
+        (dest / name / "frames").mkdir(parents=True, exist_ok=True)
+    n = 0
+    for seq in list_sequences(root, split):
+        for frame in sequence_files(root, seq)[0]:
+            shutil.copyfile(frame, dest / ("val" if n % val_every == 0 else "train") / "frames" / f"{seq}_{frame.name}")
+            n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -645,7 +687,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--style", default="shapes", choices=STYLES,
                    help="shapes: objects with their own colours (default); texture: same colours as the background, "
-                        "only the texture (orientation / frequency) differs")
+                        "only the texture (orientation / frequency) differs; lighting: shapes with a random "
+                        "brightness, contrast, saturation and hue per frame")
+    p.add_argument("--image-folder", default=None, metavar="DIR",
+                   help="also copy every frame to DIR/train/frames/ (every 12th to DIR/val/frames/ instead): an "
+                        "image folder for `visionzoo pretrain --dataset folder`")
 
 
 def _data_args(p) -> None:
@@ -701,6 +747,9 @@ def run(args) -> int:
         root = write_davis(args.root, args.sequences_count, args.frames, tuple(args.size), seed=args.seed,
                            split=args.split, style=args.style)
         print(f"wrote {args.sequences_count} procedural {args.style} sequences of {args.frames} frames to {root}")
+        if args.image_folder:
+            n = frames_to_image_folder(root, args.image_folder, split=args.split)
+            print(f"copied the {n} frames to {args.image_folder}/{{train,val}}/frames")
         return 0
     if args.action == "score":
         root = _resolve_data(args, args.out or args.results)
