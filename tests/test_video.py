@@ -300,26 +300,19 @@ def test_cli_end_to_end_shapes(tmp_path, capsys):
 def test_pretrained_checkpoint_runs_end_to_end(tmp_path):
     """The learning-check pipeline, shortened: UDI-pretrain udi_vit_test on frames of the procedural videos, then
     propagate with the run folder as --checkpoint (numbers of the full run: docs/dense/udi_evals.md)."""
-    import shutil
-
     from visionzoo.cli import main
 
     torch.set_num_threads(1)
-    src = video.write_davis(tmp_path / "davis_train", n_sequences=4, n_frames=8, size=(48, 64), seed=1,
-                            split="train")
-    for split in ("train", "val"):
-        d = tmp_path / "frames" / split / "frame"
-        d.mkdir(parents=True)
-        for s in video.list_sequences(src, "train"):
-            for f in (src / "JPEGImages" / "480p" / s).glob("*.jpg"):
-                shutil.copy(f, d / f"{s}_{f.name}")
+    assert main(["videoseg", "make-data", str(tmp_path / "davis_train"), "--sequences-count", "4", "--frames", "8",
+                 "--size", "48", "64", "--seed", "1", "--split", "train",
+                 "--image-folder", str(tmp_path / "frames")]) == 0
     run = tmp_path / "run"
-    assert main(["pretrain", "--recipe", "udi/pretrain_vit_test_cpu", "--dataset", "folder", "--data-dir",
-                 str(tmp_path / "frames"), "--output", str(run), "--epochs", "1", "--batch-size", "16",
-                 "--workers", "0", "--no-progress", "--set", "knn_every=0"]) == 0
+    assert main(["pretrain", "--recipe", "udi/pretrain_vit_test_video_cpu", "--data-dir", str(tmp_path / "frames"),
+                 "--output", str(run), "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                 "--no-progress"]) == 0
     out = tmp_path / "eval"
     args = _parse(["eval", "--model", "udi_vit_test", "--checkpoint", str(run), "--data", "shapes", "--out", str(out),
-                   "--short-side", "48", "--size-multiple", "16", "--device", "cpu"])
+                   "--data-style", "lighting", "--short-side", "48", "--size-multiple", "16", "--device", "cpu"])
     assert video.run(args) == 0
     res = json.loads((out / "videoseg.json").read_text())
     assert res["checkpoint"] == str(run) and 0 < res["global"]["JF_mean"] <= 1
