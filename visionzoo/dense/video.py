@@ -110,7 +110,7 @@ def _step(o: dict, h: int, w: int) -> None:
     o["angle"] += o["spin"]
 
 
-def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects: int, ramp=None):
+def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects: int):
     """``render_video(style="texture")``: objects and background are separable by texture only.
 
     Background and objects are oriented band-pass noise fields (unit-variance Gaussian per pixel) mapped through
@@ -127,8 +127,6 @@ def _render_texture(seed: int, n_frames: int, size: tuple[int, int], max_objects
     rng = np.random.default_rng(seed)
     base = rng.uniform(90, 165, size=3)
     amp = rng.uniform(25, 40, size=3) * rng.choice([-1.0, 1.0], size=3)
-    if ramp is not None:  # drawn above all the same, so the rest of the sequence does not depend on ``ramp``
-        base, amp = (np.asarray(v, dtype=np.float64) for v in ramp)
     pad = 2 * max(h, w)
     theta_bg, f_bg = rng.uniform(0, math.pi), rng.uniform(0.1, 0.16)
     bg = [_oriented_noise(rng, h + pad, w + pad, theta_bg, f_bg) for _ in range(2)]
@@ -659,7 +657,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("eval", help="propagate the first-frame masks with a ViT's features, write PNGs, score J&F")
     p.add_argument("--model", "-m", default=None, help="ViT name (may be omitted for a save_pretrained folder)")
     p.add_argument("--checkpoint", default=None,
-                   help="weights (file, save_pretrained folder or `visionzoo pretrain` run folder); default: random")
+                   help="weights (file, save_pretrained folder, `visionzoo train` or `visionzoo pretrain` run "
+                        "folder); default: random")
     _data_args(p)
     p.add_argument("--short-side", type=int, default=None,
                    help="resize frames to this short side (0: keep the native size; default: 480 as DINO, or 0 "

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "then the flags, then --set key=value.")
     parser.add_argument("data", nargs="?", default=None, help="dataset root with train/ and val/ (folders or LMDB)")
     parser.add_argument("--checkpoint", required=True, metavar="W",
-                        help="pretrained weights: file, save_pretrained folder, or `visionzoo pretrain` run folder")
+                        help="pretrained weights: file, save_pretrained folder, `visionzoo train` or "
+                             "`visionzoo pretrain` run folder")
     parser.add_argument("--recipe", "-r", default=None,
                         help="fine-tuning recipe (e.g. udi/finetune_vit_small); default: the built-in defaults")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")

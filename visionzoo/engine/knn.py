@@ -21,11 +21,12 @@ TOKENS = ("auto", "cls", "cls+", "both", "pooled")  # same as engine.features.TO
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, metavar="NAME",
-                        help="timm/visionzoo model name (may be omitted when --checkpoint is a saved model folder)")
+                        help="timm/visionzoo model name (not needed when --checkpoint is a saved model or train run)")
     parser.add_argument("--checkpoint", default=None, metavar="W",
                         help="weights: a .safetensors/.pth file (ours or official, e.g. a UDI checkpoint: the "
-                             "teacher is used), a folder written by save_pretrained, or a `visionzoo pretrain` run "
-                             "folder (its teacher_backbone.safetensors); default: random init")
+                             "teacher is used), a folder written by save_pretrained, a `visionzoo train` run folder "
+                             "(its best/ model), or a `visionzoo pretrain` run folder (its "
+                             "teacher_backbone.safetensors); default: random init")
     parser.add_argument("--data", required=True, metavar="ROOT",
                         help="'digits' (embedded), or a root holding train/ and val/ (ImageFolder or LMDB)")
     parser.add_argument("--train-split", default="train")
