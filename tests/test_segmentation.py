@@ -241,6 +241,38 @@ def test_slide_equals_whole_for_a_pointwise_model(one_thread):
     assert torch.allclose(whole, slide, atol=1e-6)
 
 
+def test_aug_test_averages_softmax_over_scales_and_flips(one_thread):
+    """mmseg aug_test: each (scale, flip) prediction is resized to the label size, softmaxed, flipped back, and the
+    probabilities are averaged; a mirror-equivariant (pointwise) model gives the same result with and without flip,
+    a model that looks sideways does not."""
+    class Sideways(nn.Module):  # logits at column j come from the pixel at column j + shift
+        num_classes = 3
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.shift = nn.Conv2d(3, 3, 1), 1
+
+        def forward(self, x):
+            return self.conv(torch.roll(x, -self.shift, dims=-1))
+
+    torch.manual_seed(0)
+    model = Sideways().eval()
+    out = (20, 30)
+    imgs = [torch.randn(1, 3, 20, 30), torch.randn(1, 3, 10, 15)]
+    with torch.no_grad():
+        got = seg.aug_test_probs(model, imgs, out, flip=True)
+        parts = []
+        for x in imgs:
+            parts.append(seg._resize(model(x), out).softmax(1))
+            parts.append(seg._resize(model(x.flip(-1)), out).softmax(1).flip(-1))
+        torch.testing.assert_close(got, torch.stack(parts).mean(0))
+        assert not torch.allclose(got, seg.aug_test_probs(model, imgs, out, flip=False), atol=1e-3)
+        model.shift = 0  # pointwise: flipping changes nothing
+        torch.testing.assert_close(seg.aug_test_probs(model, imgs, out, flip=True),
+                                   seg.aug_test_probs(model, imgs, out, flip=False))
+    assert torch.allclose(got.sum(1), torch.ones(1, *out))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # training: schedule, CLI end to end, exact resume
 
@@ -299,6 +331,15 @@ def test_cli_train_eval_resume_is_exact(tmp_path, one_thread, capsys):
     assert json.loads(out.read_text())["mIoU"] == pytest.approx(res["final"]["mIoU"])
     assert _cli(["eval", "--checkpoint", str(run1), "--mode", "slide", "--device", "cpu"]) == 0
     assert "slide: mIoU" in capsys.readouterr().out
+    # multi-scale + flip test: the dataset gives one image per ratio of img_scale (128x32 bounds -> 32x32 at 1.0)
+    assert _cli(["eval", "--checkpoint", str(run1), "--aug-test", "--out", str(out), "--device", "cpu"]) == 0
+    assert "whole + aug-test: mIoU" in capsys.readouterr().out
+    assert json.loads(out.read_text())["aug_test"] == {"ratios": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True}
+    cfg = SegmentationConfig.from_yaml(recipe)
+    imgs, label = seg.SegDataset(seg.ade20k_pairs(tmp_path / "shapes", "validation"), cfg, train=False,
+                                 aug_test=True)[0]
+    assert [tuple(x.shape[1:]) for x in imgs] == [(32, 32), (32, 32), (32, 32), (64, 64), (64, 64), (64, 64)]
+    assert label.shape == (64, 64)
     # the untrained baseline of the learning check: same seed, same initial weights as the run's start
     assert _cli(["eval", "--recipe", recipe, "--out", str(out), "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["checkpoint"].startswith("untrained")

@@ -83,6 +83,9 @@ class SegmentationConfig(TaskConfig):
     test_mode: str = "whole"  # whole | slide
     slide_crop: list = field(default_factory=lambda: [512, 512])
     slide_stride: list = field(default_factory=lambda: [341, 341])
+    # mmseg's `test.py --aug-test`: every ratio of img_scale, each also flipped; softmax averaged at the label size
+    aug_test_ratios: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    aug_test_flip: bool = True
     shapes_size: list = field(default_factory=lambda: [128, 128])  # dataset shapes: image size, counts
     shapes_train: int = 64
     shapes_val: int = 16
@@ -437,6 +440,23 @@ def predict_logits(model, img, mode: str = "whole", crop=(512, 512), stride=(341
     return _resize(logits, tuple(out_size)) if out_size is not None else logits
 
 
+def aug_test_probs(model, imgs, out_size, flip: bool = True, mode: str = "whole", crop=(512, 512),
+                   stride=(341, 341)):
+    """mmseg ``aug_test``: class probabilities (1, K, *out_size) averaged over the images of every test scale
+    ``imgs`` (each normalised (1, 3, h, w)) and, with ``flip``, their horizontal mirrors (the prediction flipped
+    back). Each prediction is resized to ``out_size`` before its softmax, as mmseg's ``inference`` does."""
+    import torch
+
+    total, n = None, 0
+    for img in imgs:
+        for flipped in ((False, True) if flip else (False,)):
+            x = img.flip(-1) if flipped else img
+            p = predict_logits(model, x, mode, crop, stride, out_size=out_size).softmax(1)
+            p = p.flip(-1) if flipped else p
+            total, n = (p if total is None else total + p), n + 1
+    return total / n if total is not None else torch.empty(0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # metrics
 
@@ -646,8 +666,8 @@ class SegDataset:
     (epoch = position // len, order = a permutation seeded by (seed, epoch), augmentation RNG seeded by (seed,
     position)), so the data are a pure function of the position. Test: item = index, returns (image, label)."""
 
-    def __init__(self, pairs, cfg: SegmentationConfig, train: bool):
-        self.pairs, self.cfg, self.train = list(pairs), cfg, train
+    def __init__(self, pairs, cfg: SegmentationConfig, train: bool, aug_test: bool = False):
+        self.pairs, self.cfg, self.train, self.aug_test = list(pairs), cfg, train, aug_test
         self._perm = (None, None)
 
     def __len__(self) -> int:
@@ -668,8 +688,13 @@ class SegDataset:
             x, y = train_transform(img, label, cfg, np.random.default_rng([cfg.seed, pos, 13]))
             return torch.from_numpy(x), torch.from_numpy(y)
         img, label = load_pair(*self.pairs[pos], cfg.reduce_zero_label)
+        y = torch.from_numpy(label.astype(np.int64))
+        if self.aug_test:  # one image per ratio of img_scale (mmseg MultiScaleFlipAug)
+            return [torch.from_numpy(normalize(resize_image(img, *test_size(
+                *label.shape, [int(v * r) for v in cfg.img_scale], cfg.size_divisor))))
+                for r in cfg.aug_test_ratios], y
         h, w = test_size(*label.shape, cfg.img_scale, cfg.size_divisor)
-        return torch.from_numpy(normalize(resize_image(img, h, w))), torch.from_numpy(label.astype(np.int64))
+        return torch.from_numpy(normalize(resize_image(img, h, w))), y
 
 
 class TrainBatches:
@@ -715,15 +740,17 @@ def dataset_root(cfg: SegmentationConfig, out: str | os.PathLike | None = None) 
 # evaluation
 
 def evaluate(model, pairs, cfg: SegmentationConfig, device, mode: str | None = None, names=None, rank: int = 0,
-             world_size: int = 1, amp_dtype=None, workers: int = 0) -> dict:
+             world_size: int = 1, amp_dtype=None, workers: int = 0, aug_test: bool = False) -> dict:
     """mIoU / aAcc / mAcc over ``pairs`` (each rank takes every world_size-th image; the confusion matrices are
-    summed with all_reduce). Logits are resized to the original label size before the argmax, as mmseg does."""
+    summed with all_reduce). Logits are resized to the original label size before the argmax, as mmseg does.
+    ``aug_test``: multi-scale (``cfg.aug_test_ratios``) and flip (``cfg.aug_test_flip``) test, see
+    :func:`aug_test_probs`."""
     import torch
 
     from ..engine.distributed import all_reduce_sum
 
     mode = mode or cfg.test_mode
-    ds = SegDataset(pairs, cfg, train=False)
+    ds = SegDataset(pairs, cfg, train=False, aug_test=aug_test)
     cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
@@ -731,15 +758,22 @@ def evaluate(model, pairs, cfg: SegmentationConfig, device, mode: str | None = N
                                          batch_size=None, num_workers=workers)  # images differ in size: no batching
     with torch.no_grad():
         for x, y in loader:
-            x, y = x[None].to(device), y.to(device)
+            y = y.to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = predict_logits(model, x, mode, cfg.slide_crop, cfg.slide_stride, out_size=y.shape)
+                if aug_test:
+                    logits = aug_test_probs(model, [v[None].to(device) for v in x], y.shape, cfg.aug_test_flip,
+                                            mode, cfg.slide_crop, cfg.slide_stride)
+                else:
+                    logits = predict_logits(model, x[None].to(device), mode, cfg.slide_crop, cfg.slide_stride,
+                                            out_size=y.shape)
             cm += confusion_matrix(logits.argmax(1)[0], y, cfg.num_classes, cfg.ignore_index)
     all_reduce_sum(cm)
     model.train(was_training)
     out = segmentation_metrics(cm.cpu(), names)
     out["confusion_matrix"] = cm.cpu().tolist()
     out["mode"], out["images"] = mode, len(ds)
+    if aug_test:
+        out["aug_test"] = {"ratios": list(cfg.aug_test_ratios), "flip": bool(cfg.aug_test_flip)}
     return out
 
 
@@ -960,6 +994,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", help="evaluate the recipe's UNTRAINED model (seeded as `train` seeds it; with its "
                                     "`pretrained` backbone if set): the learning-check baseline")
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the recipe's test_mode")
+    p.add_argument("--aug-test", action="store_true",
+                   help="multi-scale + flip test as mmseg's test.py --aug-test (ratios 0.5-1.75 of img_scale; "
+                        "recipe keys aug_test_ratios, aug_test_flip)")
     p.add_argument("--data", "--data-dir", dest="data_dir", default=None,
                    help="ADE20K root; default: the folder the run trained on")
     p.add_argument("--out", "--results", dest="results", default=None, help="write the metrics JSON here")
@@ -1023,9 +1060,9 @@ def run(args) -> int:
         if args.action == "eval":
             root = Path(args.data_dir) if args.data_dir else Path(state.get("data_root") or dataset_root(cfg))
             m = evaluate(model, ade20k_pairs(root, "validation"), cfg, torch.device(device), args.mode,
-                         class_names(root, cfg.num_classes), workers=args.workers)
-            print(f"{m['mode']}: mIoU {m['mIoU']:.4f} aAcc {m['aAcc']:.4f} mAcc {m['mAcc']:.4f} "
-                  f"({m['images']} images)")
+                         class_names(root, cfg.num_classes), workers=args.workers, aug_test=args.aug_test)
+            mode = m["mode"] + (" + aug-test" if args.aug_test else "")
+            print(f"{mode}: mIoU {m['mIoU']:.4f} aAcc {m['aAcc']:.4f} mAcc {m['mAcc']:.4f} ({m['images']} images)")
             if args.results:
                 src = str(latest_checkpoint(args.checkpoint)) if args.checkpoint else f"untrained {args.recipe}"
                 _write_json({"checkpoint": src, "iter": state["iter"], **m},
