@@ -216,6 +216,39 @@ def test_detector_transform_uses_backbone_stats_and_divisor():
     assert ms.transform.min_size == tuple(range(480, 801, 32))
 
 
+def test_mmdet_roi_pool_levels_and_half_pixel_alignment():
+    """RoIs go to level floor(log2(sqrt(wh) / 56)) (mmdet's finest_scale rule) and are sampled with aligned=True:
+    on a map whose value is the column index, a box's pooled mean is its centre / stride - 0.5 (aligned=False would
+    give centre / stride)."""
+    import math
+
+    strides = [4, 8, 16, 32]
+    feats = {str(i): torch.arange(256 // s, dtype=torch.float32).expand(2, 3, 256 // s, 256 // s) * (i + 1)
+             for i, s in enumerate(strides)}  # level i scaled by i + 1 so the level is visible in the output
+    sides = [20.0, 100.0, 150.0, 300.0, 480.0, 900.0]  # levels 0, 0, 1, 2, 3, 3 (clamped)
+    boxes = [torch.tensor([[8.0, 8.0, 8.0 + a, 8.0 + a] for a in sides]), torch.tensor([[40.0, 20.0, 112.0, 92.0]])]
+    pool = det.mmdet_roi_pool(list(feats), strides, 7)
+    out = pool(feats, boxes, [(256, 256)] * 2)
+    assert out.shape == (7, 3, 7, 7)
+    for k, box in enumerate(torch.cat(boxes)):
+        x1, y1, x2, y2 = box.tolist()
+        level = min(max(math.floor(math.log2(math.sqrt((x2 - x1) * (y2 - y1)) / 56 + 1e-6)), 0), 3)
+        # sample points inside the map are linear in the column index: the mean is the centre column
+        width = 256 // strides[level]
+        if (x2 / strides[level]) <= width - 1:
+            expected = ((x1 + x2) / 2 / strides[level] - 0.5) * (level + 1)
+            assert out[k].mean().item() == pytest.approx(expected, abs=1e-4), (k, level)
+        assert out[k].max().item() <= (width - 1) * (level + 1) + 1e-4
+    assert [min(max(math.floor(math.log2(a / 56 + 1e-6)), 0), 3) for a in sides] == [0, 0, 1, 2, 3, 3]
+    model = build_detector(_tiny(), 3, pretrained=False)
+    assert type(model.roi_heads.box_roi_pool).__name__ == "MMDetRoIAlign"
+    assert model.roi_heads.mask_roi_pool.output_size == (14, 14) and model.roi_heads.mask_roi_pool.strides == strides
+    legacy = build_detector(_tiny(roi_align="torchvision"), 3, pretrained=False)
+    assert type(legacy.roi_heads.box_roi_pool).__name__ == "MultiScaleRoIAlign"
+    with pytest.raises(ValueError, match="roi_align"):
+        _tiny(roi_align="bilinear")
+
+
 def _meta_params(recipe: str) -> tuple[float, float]:
     """(whole detector, backbone) parameters in millions for 80 COCO classes, built on the meta device."""
     cfg = DetectionConfig.from_yaml(recipe)

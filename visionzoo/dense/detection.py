@@ -19,9 +19,10 @@ udi.md 7); mmcv no longer installs, so this module rebuilds those setups on ``to
   optional grad clipping, AMP on CUDA, DDP via ``torchrun``, atomic per-epoch checkpoints and exact resume (each
   epoch's order, augmentation and torch RNG come from (seed, epoch)), COCO box / mask AP with pycocotools.
 
-Known differences to mmdet (documented in docs/dense/detection.md): torchvision's RoIAlign uses sampling_ratio 2 and
-aligned=False (mmdet: 0 and True), Mask R-CNN's box regression loss is smooth-L1 (beta 1/9) instead of L1, and images
-are batched in random order rather than grouped by aspect ratio.
+RoIs are pooled as mmdet does (``mmdet_roi_pool``: RoIAlign aligned=True, adaptive sampling; ``roi_align:
+torchvision`` restores torchvision's aligned=False, sampling 2). Known differences to mmdet (documented in
+docs/dense/detection.md): Mask R-CNN's box regression loss is smooth-L1 (beta 1/9) instead of L1, and images are
+batched in random order rather than grouped by aspect ratio.
 
 CLI (``visionzoo detect``): ``train --recipe ... --out RUN``, ``eval --checkpoint RUN``, ``visualize --checkpoint
 RUN --image img.jpg --out pred.png``. torch is imported lazily so ``visionzoo --help`` stays fast.
@@ -68,6 +69,7 @@ class DetectionConfig(TaskConfig):
     mask_head_channels: int | None = None  # default: fpn_channels
     anchor_scale: float | None = None  # anchor size / stride; default 8 (Mask R-CNN) or 4 (RetinaNet octave base)
     retina_head_norm: str | None = None  # null (official mmdet RetinaHead) | gn (GroupNorm(16) after each head conv)
+    roi_align: str = "mmdet"  # mmdet (mmcv RoIAlign: aligned=True, adaptive sampling) | torchvision (aligned=False, 2)
     rpn_batch_size_per_image: int = 256
     box_batch_size_per_image: int = 512
     rpn_post_nms_top_n_train: int = 1000  # mmdet rpn train max_per_img
@@ -123,6 +125,8 @@ class DetectionConfig(TaskConfig):
         if self.retina_head_norm == "gn" and self.fpn_channels % 16:
             raise ValueError(f"retina_head_norm 'gn' uses 16 groups: fpn_channels must be a multiple of 16, got "
                              f"{self.fpn_channels}")
+        if self.roi_align not in ("mmdet", "torchvision"):
+            raise ValueError(f"roi_align must be 'mmdet' or 'torchvision', got {self.roi_align!r}")
         if self.box_head not in ("2fc", "4conv1fc"):
             raise ValueError(f"box_head must be '2fc' or '4conv1fc', got {self.box_head!r}")
 
@@ -313,6 +317,36 @@ def _backbone_with_fpn(cfg: DetectionConfig, pretrained: bool = True):
     return BackboneWithFPN(), out_strides
 
 
+def mmdet_roi_pool(featmap_names, strides, output_size: int):
+    """mmdet's SingleRoIExtractor with mmcv's RoIAlign (``aligned=True``: pixel centres at +0.5, and
+    ``sampling_ratio=0``: an adaptive ceil(roi size / output size) grid), a drop-in for torchvision's
+    ``MultiScaleRoIAlign``, whose ``roi_align`` call is fixed to aligned=False. Level of a box:
+    floor(log2(sqrt(w * h) / 56 + 1e-6)) clamped to the levels, which is torchvision's LevelMapper too."""
+    import torch
+    from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+    class MMDetRoIAlign(MultiScaleRoIAlign):  # a subclass: torchvision's MaskRCNN checks the type
+        def __init__(self):
+            super().__init__([str(n) for n in featmap_names], int(output_size), sampling_ratio=0)
+            self.strides = [int(v) for v in strides]
+
+        def forward(self, features, boxes, image_shapes=None):
+            maps = [features[name] for name in self.featmap_names]
+            rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+            size = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+            levels = torch.floor(torch.log2(size / 56 + 1e-6)).clamp(0, len(maps) - 1)
+            out = maps[0].new_zeros((rois.shape[0], maps[0].shape[1]) + self.output_size)
+            # one roi_align per level (4 calls): the RoIs of a level are a data-dependent subset, as in mmdet
+            for level, (fmap, stride) in enumerate(zip(maps, self.strides)):
+                idx = torch.nonzero(levels == level).squeeze(1)
+                if idx.numel():
+                    out[idx] = roi_align(fmap, rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0,
+                                         aligned=True).to(out.dtype)
+            return out
+
+    return MMDetRoIAlign()
+
+
 def build_detector(cfg: DetectionConfig, num_classes: int, pretrained: bool = True):
     """A torchvision MaskRCNN / RetinaNet on the config's backbone. ``num_classes`` excludes the background."""
     import torch.nn as nn
@@ -335,6 +369,10 @@ def build_detector(cfg: DetectionConfig, num_classes: int, pretrained: bool = Tr
         scale = cfg.anchor_scale or 8.0
         anchors = AnchorGenerator(tuple((scale * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
         names = [str(i) for i in range(len(strides) - 1)]  # RoIs pool from P2-P5, not the max-pool level
+        if cfg.roi_align == "mmdet":
+            box_pool, mask_pool = (mmdet_roi_pool(names, strides[:-1], n) for n in (7, 14))
+        else:
+            box_pool, mask_pool = MultiScaleRoIAlign(names, 7, 2), MultiScaleRoIAlign(names, 14, 2)
         if cfg.box_head == "4conv1fc":
             box_head = FastRCNNConvFCHead((C, 7, 7), [C] * 4, [cfg.representation_size], norm_layer=nn.BatchNorm2d)
         else:
@@ -344,8 +382,7 @@ def build_detector(cfg: DetectionConfig, num_classes: int, pretrained: bool = Tr
             backbone, num_classes=num_classes + 1, min_size=min_size, max_size=long_max, image_mean=mean,
             image_std=std, rpn_anchor_generator=anchors, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
             rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-            box_roi_pool=MultiScaleRoIAlign(names, 7, 2), box_head=box_head,
-            mask_roi_pool=MultiScaleRoIAlign(names, 14, 2),
+            box_roi_pool=box_pool, box_head=box_head, mask_roi_pool=mask_pool,
             mask_head=MaskRCNNHeads(C, [mask_ch] * 4, 1), box_batch_size_per_image=cfg.box_batch_size_per_image,
             box_detections_per_img=cfg.detections_per_img)
         if mask_ch != 256:  # MaskRCNN's default predictor assumes 256 input channels
