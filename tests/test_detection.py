@@ -142,6 +142,21 @@ def test_epoch_batches_shard_and_pad():
     assert len(det.epoch_batches(3, 4, 2, 1, seed=0, epoch=0)[0]) == 4  # a global batch larger than the data
 
 
+
+def test_epoch_batches_group_by_aspect_like_mmdet():
+    groups = np.array([0] * 7 + [1] * 3)  # 7 landscape, 3 portrait images
+    ranks = [det.epoch_batches(10, 2, 2, r, seed=0, epoch=1, groups=groups) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # groups padded to 8 + 4 images = 6 batches of 2, 3 per rank
+    for b in ranks[0] + ranks[1]:
+        assert len(b) == 2 and len({groups[i] for i, _ in b}) == 1, b  # one aspect group per batch
+    seen = [i for b in ranks[0] + ranks[1] for i, _ in b]
+    assert sorted(set(seen)) == list(range(10)) and len(seen) == 12
+    assert ranks[0] == det.epoch_batches(10, 2, 2, 0, seed=0, epoch=1, groups=groups)  # a pure function
+    assert ranks[0] != det.epoch_batches(10, 2, 2, 0, seed=0, epoch=2, groups=groups)
+    # one group: exactly the plain shuffle (so square-image runs are unchanged)
+    assert det.epoch_batches(10, 2, 2, 1, seed=0, epoch=1, groups=np.zeros(10)) == \
+        det.epoch_batches(10, 2, 2, 1, seed=0, epoch=1)
+
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation plumbing
 

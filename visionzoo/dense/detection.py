@@ -20,9 +20,9 @@ udi.md 7); mmcv no longer installs, so this module rebuilds those setups on ``to
   epoch's order, augmentation and torch RNG come from (seed, epoch)), COCO box / mask AP with pycocotools.
 
 RoIs are pooled as mmdet does (``mmdet_roi_pool``: RoIAlign aligned=True, adaptive sampling; ``roi_align:
-torchvision`` restores torchvision's aligned=False, sampling 2). Known differences to mmdet (documented in
-docs/dense/detection.md): Mask R-CNN's box regression loss is smooth-L1 (beta 1/9) instead of L1, and images are
-batched in random order rather than grouped by aspect ratio.
+torchvision`` restores torchvision's aligned=False, sampling 2) and batches are grouped by aspect ratio as mmdet's
+GroupSampler does. Known difference to mmdet (documented in docs/dense/detection.md): Mask R-CNN's box regression
+loss is smooth-L1 (beta 1/9) instead of L1.
 
 CLI (``visionzoo detect``): ``train --recipe ... --out RUN``, ``eval --checkpoint RUN``, ``visualize --checkpoint
 RUN --image img.jpg --out pred.png``. torch is imported lazily so ``visionzoo --help`` stays fast.
@@ -83,6 +83,7 @@ class DetectionConfig(TaskConfig):
     img_scale: list = field(default_factory=lambda: [1333, 800])  # (long max, short) keep-ratio resize
     multiscale: str | None = None  # null | detr (short side 480..800 step 32 + a random-crop branch, p 0.5)
     flip_prob: float = 0.5
+    group_by_aspect: bool = True  # mmdet GroupSampler: a batch holds only landscape or only portrait images
     # optimisation
     epochs: int = 12
     lr_steps: list = field(default_factory=lambda: [8, 11])  # epochs at which lr x 0.1
@@ -513,11 +514,28 @@ def _unwrap(model):
 # ----------------------------------------------------------------------------------------------------------------
 # training
 
-def epoch_batches(n: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list[list]:
+def epoch_batches(n: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
+                  groups=None) -> list[list]:
     """This rank's batches of one epoch: a (seed, epoch) shuffle, padded by wrap-around to whole global batches
-    (every image is seen; the last batch repeats a few, as DistributedSampler does). Items are (index, epoch)."""
-    order = np.random.default_rng([seed, epoch, 7]).permutation(n)
+    (every image is seen; the last batch repeats a few, as DistributedSampler does). Items are (index, epoch).
+
+    ``groups`` (an int per image, e.g. mmdet's aspect flag ``width / height > 1``): every batch comes from one group,
+    as mmdet's (Distributed)GroupSampler builds them: each group shuffled and padded by wrap-around to whole global
+    batches, cut into batches, the batches shuffled, rank r taking the r-th contiguous share. With a single group
+    this is the plain shuffle above."""
+    rng = np.random.default_rng([seed, epoch, 7])
     glob = batch_size * world_size
+    if groups is not None and len(np.unique(groups)) > 1:
+        groups = np.asarray(groups)
+        chunks = []
+        for g in np.unique(groups):
+            members = rng.permutation(np.flatnonzero(groups == g))
+            members = np.resize(members, math.ceil(len(members) / glob) * glob)
+            chunks.append(members.reshape(-1, batch_size))
+        chunks = np.concatenate(chunks)[rng.permutation(sum(len(c) for c in chunks))]
+        share = len(chunks) // world_size
+        return [[(int(i), epoch) for i in b] for b in chunks[rank * share:(rank + 1) * share]]
+    order = rng.permutation(n)
     total = math.ceil(n / glob) * glob
     order = np.resize(order, total)  # repeats from the start (also when one global batch exceeds the dataset)
     batches = order.reshape(-1, world_size, batch_size)[:, rank]
@@ -590,7 +608,9 @@ def train(cfg: DetectionConfig, out: str | os.PathLike, resume: str | None = Non
     amp_dtype = getattr(torch, cfg.amp_dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    iters_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, dist_info.world_size, 0, cfg.seed, 0))
+    groups = (np.array(train_set.aspect_ratios()) > 1).astype(int) if cfg.group_by_aspect else None
+    iters_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, dist_info.world_size, 0, cfg.seed, 0,
+                                        groups))
     total_iters = cfg.epochs * iters_per_epoch
     steps = [int(e * iters_per_epoch) for e in cfg.lr_steps]
     start_epoch, it, history, skip, partial = 0, 0, [], 0, {}
@@ -642,7 +662,7 @@ def train(cfg: DetectionConfig, out: str | os.PathLike, resume: str | None = Non
             resume_rng = None
         net.train()
         batches = epoch_batches(len(train_set), cfg.batch_size, dist_info.world_size, dist_info.rank, cfg.seed,
-                                epoch)
+                                epoch, groups)
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[skip:], num_workers=cfg.workers,
                                              collate_fn=collate, pin_memory=dev.type == "cuda",
                                              # its own generator: the loader must not draw from the global RNG
