@@ -363,19 +363,36 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
-    """torchrun, 2 CPU processes (gloo): each rank takes half of every global batch; rank 0 scores and writes."""
+    """torchrun, 2 CPU processes (gloo): each rank takes half of every global batch; rank 0 scores and writes; a
+    mid-epoch checkpoint keeps every rank's RNG, so a resumed 2-process run ends with the uninterrupted run's
+    weights; resuming it with another process count is refused."""
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
-           "-m", "visionzoo", "detect", "train", "--recipe", _recipe(tmp_path, batch_size=1), "--out", str(out),
-           "--device", "cpu", "--threads", "1"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    state = torch.load(out / "last.pth", weights_only=False)
+    recipe = _recipe(tmp_path, batch_size=1)
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+               "-m", "visionzoo", "detect", "train", "--recipe", recipe, "--out", str(out), "--device", "cpu",
+               "--threads", "1", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return torch.load(out / "last.pth", weights_only=False)
+
+    state = torchrun(tmp_path / "ddp")
     assert state["iteration"] == 2  # 4 images / (1 per process x 2 processes)
     assert state["history"][-1]["num_images"] == 2  # both val images scored once, from the two shards
+    full = torchrun(tmp_path / "full", "--epochs", "2")
+    part = torchrun(tmp_path / "part", "--epochs", "2", "--max-iters", "3")  # stops inside epoch 1
+    assert part["batch_in_epoch"] == 1 and len(part["rng_per_rank"]) == 2
+    from visionzoo.cli import main
+
+    assert main(["detect", "train", "--recipe", recipe, "--out", str(tmp_path / "part"), "--epochs", "2",
+                 "--resume", str(tmp_path / "part"), "--device", "cpu"]) == 2  # one process: refused
+    resumed = torchrun(tmp_path / "part", "--epochs", "2", "--resume", str(tmp_path / "part"))
+    assert resumed["iteration"] == full["iteration"] == 4
+    for k in full["model"]:
+        torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=0, msg=k)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -629,8 +629,14 @@ def train(cfg: DetectionConfig, out: str | os.PathLike, resume: str | None = Non
             scaler.load_state_dict(state["scaler"])
         it, history = state["iteration"], state["history"]
         skip = state.get("batch_in_epoch", 0)
-        if skip:  # a mid-epoch checkpoint: finish that epoch from its next batch with the saved RNG
-            start_epoch, partial, resume_rng = state["epoch"], state["partial_sums"], state["rng"]
+        if skip:  # a mid-epoch checkpoint: finish that epoch from its next batch with this rank's saved RNG
+            saved_world = state.get("world_size", 1)
+            if saved_world != dist_info.world_size:
+                raise ValueError(f"--resume: {_state_path(resume)} was written in the middle of an epoch by "
+                                 f"{saved_world} process(es); resume it with {saved_world}, or from an "
+                                 f"end-of-epoch checkpoint")
+            start_epoch, partial = state["epoch"], state["partial_sums"]
+            resume_rng = state.get("rng_per_rank", [state["rng"]])[dist_info.rank]
         else:
             start_epoch = state["epoch"] + 1
         log(f"resumed from {_state_path(resume)} at epoch {start_epoch}, batch {skip} (iteration {it})")
@@ -644,13 +650,14 @@ def train(cfg: DetectionConfig, out: str | os.PathLike, resume: str | None = Non
             find_unused_parameters=cfg.find_unused_parameters)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def save(epoch: int, batch_in_epoch: int = 0, sums=None) -> None:
+    def save(epoch: int, batch_in_epoch: int = 0, sums=None, rngs=None) -> None:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                  "epoch": epoch, "iteration": it, "history": history, "classes": train_set.classes,
-                 "config": dataclasses.asdict(cfg), "batch_in_epoch": batch_in_epoch}
+                 "config": dataclasses.asdict(cfg), "batch_in_epoch": batch_in_epoch,
+                 "world_size": dist_info.world_size}
         if batch_in_epoch:
             state["partial_sums"] = {k: float(v) for k, v in sums.items()}
-            state["rng"] = rng_state()  # under DDP this is rank 0's sampling RNG (exact for one process)
+            state["rng"], state["rng_per_rank"] = rngs[0], rngs  # RPN/RoI sampling differs between ranks
         atomic_torch_save(state, out / "last.pth")
 
     stop = False
@@ -693,10 +700,15 @@ def train(cfg: DetectionConfig, out: str | os.PathLike, resume: str | None = Non
                 parts = " ".join(f"{k} {float(v) / n_done:.4f}" for k, v in sums.items())
                 log(f"epoch {epoch} iter {it}/{total_iters} lr {cfg.lr * factor:.2e} {parts}")
             stop = max_iters is not None and it >= max_iters
-            mid = n_done < len(batches)
-            if mid and dist_info.is_main and (stop or (cfg.checkpoint_interval and
-                                                       it % cfg.checkpoint_interval == 0)):
-                save(epoch, n_done, sums)
+            if n_done < len(batches) and (stop or (cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0)):
+                rngs = [rng_state()]  # a mid-epoch checkpoint keeps every rank's RNG (a collective under DDP)
+                if dist_info.distributed:
+                    import torch.distributed as dist
+
+                    rngs = [None] * dist_info.world_size
+                    dist.all_gather_object(rngs, rng_state())
+                if dist_info.is_main:
+                    save(epoch, n_done, sums, rngs)
             if stop:
                 break
         if n_done < len(batches):  # stopped inside the epoch: its checkpoint is written, no epoch row
