@@ -194,6 +194,8 @@ def test_missing_folder_and_bad_recipe_key_errors(tmp_path):
         SegmentationConfig.from_yaml(str(bad))
     with pytest.raises(ValueError, match="head must be one of"):
         SegmentationConfig(head="psp").check()
+    with pytest.raises(ValueError, match="aug_test_ratios"):
+        SegmentationConfig(aug_test_ratios=[]).check()
 
 
 def test_every_segmentation_recipe_loads():

@@ -126,6 +126,8 @@ class SegmentationConfig(TaskConfig):
             raise ValueError(f"test_mode must be 'whole' or 'slide', got {self.test_mode!r}")
         if self.opt not in ("adamw", "sgd"):
             raise ValueError(f"opt must be 'adamw' or 'sgd', got {self.opt!r}")
+        if not self.aug_test_ratios or min(self.aug_test_ratios) <= 0:
+            raise ValueError(f"aug_test_ratios must be a non-empty list of positive scales, got {self.aug_test_ratios}")
         if self.sched not in ("poly", "step", "constant"):
             raise ValueError(f"sched must be poly, step or constant, got {self.sched!r}")
 
@@ -445,8 +447,6 @@ def aug_test_probs(model, imgs, out_size, flip: bool = True, mode: str = "whole"
     """mmseg ``aug_test``: class probabilities (1, K, *out_size) averaged over the images of every test scale
     ``imgs`` (each normalised (1, 3, h, w)) and, with ``flip``, their horizontal mirrors (the prediction flipped
     back). Each prediction is resized to ``out_size`` before its softmax, as mmseg's ``inference`` does."""
-    import torch
-
     total, n = None, 0
     for img in imgs:
         for flipped in ((False, True) if flip else (False,)):
@@ -454,7 +454,7 @@ def aug_test_probs(model, imgs, out_size, flip: bool = True, mode: str = "whole"
             p = predict_logits(model, x, mode, crop, stride, out_size=out_size).softmax(1)
             p = p.flip(-1) if flipped else p
             total, n = (p if total is None else total + p), n + 1
-    return total / n if total is not None else torch.empty(0)
+    return total / n
 
 
 # ----------------------------------------------------------------------------------------------------------------
