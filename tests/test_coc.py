@@ -294,7 +294,7 @@ def test_imagenet_recipes(name):
 
 def test_cpu_recipe_trains(tmp_path):
     from visionzoo.engine.config import load_config
-    from visionzoo.engine.train import train
+    from visionzoo.tasks.classify import train
 
     cfg = load_config(str(RECIPES / "coc_test_cpu.yaml"),
                       {"max_steps": 3, "output": str(tmp_path), "experiment": "coc", "epochs": 1})

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from visionzoo.engine import train as train_mod
+from visionzoo.tasks import classify as train_mod
 from visionzoo.engine.config import RecipeError, TrainConfig, load_config
-from visionzoo.engine.train import NonFiniteLossError, ResumableSampler, train
+from visionzoo.engine.sampling import ResumableSampler
+from visionzoo.tasks.classify import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match="NaN/inf"):
         train(cfg)
     run = tmp_path / "nan"
-    state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=False)
+    from visionzoo.engine.state import load_train_state
+
+    state = load_train_state(run)
     assert state["progress"]["global_step"] == 10
     assert all(torch.isfinite(v).all() for v in weights(run).values() if v.is_floating_point())
 
@@ -131,10 +134,9 @@ def test_ddp_two_processes_identical_weights(tmp_path):
     dump = tmp_path / "dump_weights.py"
     dump.write_text(
         "import sys, os, torch\n"
-        "import visionzoo.engine.train as T\n"
+        "import visionzoo.tasks.classify as T\n"
         "from visionzoo.engine.config import TrainConfig\n"
         "from visionzoo.models import unwrap_model\n"
-        "real_cleanup = T.cleanup\n"
         "import torch.nn.parallel as P\n"
         "models = []\n"
         "real_ddp = P.DistributedDataParallel\n"
@@ -142,16 +144,13 @@ def test_ddp_two_processes_identical_weights(tmp_path):
         "    def __init__(self, module, *a, **k):\n"
         "        super().__init__(module, *a, **k); models.append(module)\n"
         "T.nn.parallel.DistributedDataParallel = Spy\n"
-        "def cleanup():\n"
-        "    rank = int(os.environ['RANK'])\n"
-        "    torch.save({k: v.detach().clone() for k, v in models[0].named_parameters()},\n"
-        "               os.path.join(sys.argv[1], f'rank{rank}.pt'))\n"
-        "    real_cleanup()\n"
-        "T.cleanup = cleanup\n"
         "cfg = TrainConfig(model='test_resnet', dataset='digits', img_size=32, epochs=1, batch_size=16, lr=1e-3,\n"
         "                  workers=0, seed=0, output=sys.argv[1], experiment='ddp', max_steps=6, mixup=0.2,\n"
         "                  hflip=0.0, drop_path=0.1, grad_accum_steps=2)\n"
         "T.train(cfg, device='cpu')\n"
+        "rank = int(os.environ['RANK'])\n"
+        "torch.save({k: v.detach().clone() for k, v in models[0].named_parameters()},\n"
+        "           os.path.join(sys.argv[1], f'rank{rank}.pt'))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -182,7 +181,7 @@ def test_repeated_augmentation_sampler_spreads_copies_over_ranks():
 
 
 def test_warmup_prefix_keeps_run_length():
-    from visionzoo.engine.train import build_scheduler
+    from visionzoo.tasks.classify import build_scheduler
 
     p = torch.nn.Parameter(torch.zeros(1))
     lrs = {}

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import visionzoo  # noqa: F401  (registers the models)
 from visionzoo.engine.config import RECIPES_DIR, TrainConfig, load_config
-from visionzoo.engine.train import build_model, build_optimizer, train
+from visionzoo.tasks.classify import build_model, build_optimizer, train
 
 GCR_DIR = RECIPES_DIR / "gcr"
 NAMES = sorted(p.stem for p in GCR_DIR.glob("*.yaml"))

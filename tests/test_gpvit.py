@@ -393,7 +393,7 @@ def test_imagenet_recipes(name):
 def test_recipe_optimizer_decay_split_matches_official():
     """Spec section 4: no decay on norms, biases, pos_embed and group tokens; depthwise convs keep their decay."""
     from visionzoo.engine.config import load_config
-    from visionzoo.engine.train import build_optimizer
+    from visionzoo.tasks.classify import build_optimizer
 
     cfg = load_config("gpvit/gpvit_l1")
     model = timm.create_model("gpvit_test")
@@ -413,7 +413,7 @@ def test_recipe_optimizer_decay_split_matches_official():
 
 def test_cpu_recipe_trains(tmp_path):
     from visionzoo.engine.config import load_config
-    from visionzoo.engine.train import train
+    from visionzoo.tasks.classify import train
 
     cfg = load_config("gpvit/gpvit_test_cpu", {"max_steps": 3, "output": str(tmp_path), "experiment": "cpu"})
     assert (cfg.model, cfg.dataset, cfg.img_size, cfg.amp, cfg.workers) == ("gpvit_test", "digits", 32, False, 0)
@@ -427,7 +427,7 @@ def test_training_and_validation_read_lmdb(tmp_path):
     from visionzoo.data.datasets import write_digits_folder
     from visionzoo.data.lmdb import convert_to_lmdb
     from visionzoo.engine.config import load_config
-    from visionzoo.engine.train import train
+    from visionzoo.tasks.classify import train
 
     folder = write_digits_folder(tmp_path / "digits", max_per_class=2)
     db = tmp_path / "db"

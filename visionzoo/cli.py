@@ -65,7 +65,7 @@ def cmd_train(args) -> int:
         overrides.setdefault("dataset", "auto")
     overrides = apply_overrides(overrides, args.set or [])
     cfg = load_config(args.recipe, overrides)
-    from .engine.train import train
+    from .tasks.classify import train
 
     summary = train(cfg, resume=args.resume, device=args.device)
     print(f"run directory: {summary['run_dir']}")
@@ -81,7 +81,7 @@ def cmd_demo(args) -> int:
     if args.model is not None:
         overrides["model"] = args.model
     cfg = load_config("demo/digits", overrides)
-    from .engine.train import train
+    from .tasks.classify import train
 
     print(f"visionzoo demo: training {cfg.model} on the embedded scikit-learn digits ({cfg.epochs} epochs, CPU ok)")
     summary = train(cfg, device=args.device)

@@ -571,7 +571,8 @@ def train(cfg: DetectionConfig, out: str | os.PathLike, resume: str | None = Non
     leaves a mid-epoch checkpoint that ``resume`` continues exactly."""
     import torch
 
-    from ..engine.checkpoint import atomic_torch_save, rng_state, set_rng_state
+    from ..files import atomic_torch_save
+    from .common import rng_state, set_rng_state
     from ..engine.distributed import init_distributed
     from .common import iter_lr_factor, param_groups, set_lr
 

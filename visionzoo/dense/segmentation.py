@@ -833,7 +833,7 @@ def train(cfg: SegmentationConfig, out, resume: str | None = None, device: str |
     ``log.jsonl`` and ``results.json`` (final and best metrics) to ``out``. Returns the results."""
     import torch
 
-    from ..engine.checkpoint import atomic_torch_save
+    from ..files import atomic_torch_save
     from ..engine.distributed import cleanup, init_distributed
     from .common import set_lr
 

@@ -14,8 +14,66 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
-class TrainConfig:
-    """Supervised training recipe. Field names follow timm's train.py flags where they mean the same."""
+class RunConfig:
+    """What every task shares, one name per setting (timm's train.py names where they mean the same). Task configs
+    add only their own fields, and may change a default."""
+
+    seed: int = 0
+    # length: epochs over the training set, or ``steps`` optimizer steps when set (iteration-based recipes)
+    epochs: int = 10
+    steps: int | None = None
+    max_steps: int | None = None  # stop early after this many steps (the schedule stays that of the full run)
+    batch_size: int = 64  # per process
+    grad_accum_steps: int = 1
+    workers: int = 2
+    # learning rate: absolute, or lr_base * global_batch / lr_base_size when lr is None
+    lr: float | None = None
+    lr_base: float = 1e-3
+    lr_base_size: int = 1024
+    clip_grad: float | None = None
+    clip_mode: str = "norm"  # norm | value | agc | per_tensor
+    # precision and speed
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    channels_last: bool = False
+    torchcompile: str | None = None
+    sync_bn: bool = False  # SyncBatchNorm across processes (DDP on CUDA only)
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    # run control
+    output: str = "runs"  # parent folder of the run folder
+    experiment: str | None = None  # the run folder's name (default: <model>-<date>-<time>)
+    log_interval: int = 20  # steps
+    eval_every: int = 1  # epochs
+    eval_every_steps: int | None = None  # evaluate (and write a metrics row) every N steps instead
+    checkpoint_every_steps: int | None = None  # also save the training state every N steps
+    notes: str = ""
+
+    def global_batch(self, world_size: int | None = None) -> int:
+        return self.batch_size * self.grad_accum_steps * (world_size or 1)
+
+    def resolved_lr(self, world_size: int = 1) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return float(self.lr_base) * self.global_batch(world_size) / float(self.lr_base_size)
+
+    def check(self) -> None:
+        """Values no run can use, refused before anything is built."""
+        for name in ("batch_size", "grad_accum_steps", "epochs", "log_interval", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("steps", "max_steps", "eval_every_steps", "checkpoint_every_steps"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise RecipeError(f"{name} must be >= 1 (or unset), got {v}.")
+        if self.workers < 0:
+            raise RecipeError(f"workers must be >= 0, got {self.workers}.")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Supervised training and fine-tuning (the classify task)."""
 
     # model
     model: str = "resnet18"
@@ -31,17 +89,10 @@ class TrainConfig:
     num_classes: int | None = None  # None: taken from the dataset
     img_size: int | None = None  # None: the model's default input size
     eval_img_size: int | None = None  # validation input size (FixRes: train small, test larger); None: img_size
-    # schedule
-    epochs: int = 10
-    batch_size: int = 64  # per process
-    grad_accum_steps: int = 1
     world_size: int = 1  # processes the recipe was written for (documentation, lr scaling)
     # optimizer
     opt: str = "adamw"
     opt_kwargs: dict = field(default_factory=dict)
-    lr: float | None = None  # absolute; when None: lr_base * global_batch / lr_base_size
-    lr_base: float = 1e-3
-    lr_base_size: int = 1024
     weight_decay: float = 0.05
     momentum: float = 0.9
     opt_eps: float | None = None
@@ -54,8 +105,6 @@ class TrainConfig:
     min_lr: float = 1e-6
     decay_epochs: float = 30  # for step
     decay_rate: float = 0.1
-    clip_grad: float | None = None
-    clip_mode: str = "norm"
     # loss and augmentation
     loss: str = "ce"  # ce | bce | a family loss name (ga)
     loss_kwargs: dict = field(default_factory=dict)
@@ -76,34 +125,7 @@ class TrainConfig:
     crop_pct: float | None = None  # eval center-crop fraction; None: the model's pretrained cfg
     drop_path: float | None = None
     drop: float | None = None
-    # EMA / precision / speed
-    model_ema: bool = False
-    model_ema_decay: float = 0.9998
-    model_ema_warmup: bool = False
-    amp: bool = False
-    amp_dtype: str = "bfloat16"
-    channels_last: bool = False
-    torchcompile: str | None = None
-    workers: int = 2
-    sync_bn: bool = False  # SyncBatchNorm across processes (DDP only)
     aug_repeats: int = 0  # repeated augmentation (DeiT/RSB RepeatAugSampler): each image this many times per epoch
-    # run control
-    seed: int = 0
-    output: str = "runs"
-    experiment: str | None = None
-    log_interval: int = 20
-    checkpoint_every_steps: int | None = None  # also save training state every N steps (mid-epoch resume)
-    max_steps: int | None = None  # stop after this many optimizer steps (for tests / smoke runs)
-    eval_every: int = 1
-    notes: str = ""
-
-    def global_batch(self, world_size: int | None = None) -> int:
-        return self.batch_size * self.grad_accum_steps * (world_size or 1)
-
-    def resolved_lr(self, world_size: int) -> float:
-        if self.lr is not None:
-            return float(self.lr)
-        return float(self.lr_base) * self.global_batch(world_size) / float(self.lr_base_size)
 
 
 class RecipeError(ValueError):
@@ -245,3 +267,9 @@ def save_config(cfg, path: str | os.PathLike, extra: dict | None = None) -> None
     if extra:
         data["resolved"] = extra
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def split_run_path(path: str | os.PathLike) -> dict:
+    """``--out RUN`` (the run folder itself, the older spelling) as the ``output`` / ``experiment`` fields."""
+    path = Path(path)
+    return {"output": str(path.parent), "experiment": path.name}

@@ -1,4 +1,4 @@
-"""torchrun environment detection and the few collectives the engine needs (nanoGPT / timm style)."""
+"""torchrun / SLURM environment detection and the few collectives the engine needs (nanoGPT / timm style)."""
 from __future__ import annotations
 
 import os
@@ -24,14 +24,50 @@ class DistInfo:
         return self.rank == 0
 
 
+def _slurm_env() -> None:
+    """Under ``srun`` without torchrun, derive torch's variables from SLURM's (as mmengine's slurm launcher does):
+    rank = SLURM_PROCID, world = SLURM_NTASKS, local rank = SLURM_LOCALID, the master the first node of
+    SLURM_NODELIST (``scontrol show hostnames``), the port MASTER_PORT or 29500."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    if "MASTER_ADDR" not in os.environ:
+        import subprocess
+
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
+        try:
+            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                   check=True).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            first = nodes.split(",")[0]  # a single plain host name
+        os.environ["MASTER_ADDR"] = first
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``auto``/None: CUDA when available, else CPU; a CUDA device asked for on a machine without one is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+                         f"use --device cpu or auto.")
+    return dev
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK set by torchrun; nccl on CUDA, gloo on CPU."""
+    """torchrun (RANK / WORLD_SIZE / LOCAL_RANK, one or many nodes) or SLURM's srun; nccl on CUDA, gloo on CPU."""
+    _slurm_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if world_size > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
@@ -54,3 +90,12 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (the object itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj

@@ -1,7 +1,6 @@
 """Evaluation: top-1 / top-5 / loss with the model's eval transform, and a small per-class report."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -15,11 +14,7 @@ from .distributed import all_reduce_sum
 _logger = logging.getLogger("visionzoo")
 
 
-def autocast_ctx(device: torch.device, amp: bool, amp_dtype: str = "bfloat16"):
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[amp_dtype]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from .precision import autocast as autocast_ctx  # noqa: E402  (one autocast for the package)
 
 
 def merge_outputs(output) -> torch.Tensor:

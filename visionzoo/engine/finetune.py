@@ -67,7 +67,7 @@ def build_config(args):
 
 def run(args) -> int:
     cfg = build_config(args)
-    from .train import train
+    from ..tasks.classify import train
 
     summary = train(cfg, resume=args.resume, device=args.device)
     best = summary.get("best_top1")

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
 import sys
 from pathlib import Path
+
+from ..files import atomic_write_text
 
 _logger = logging.getLogger("visionzoo")
 
@@ -40,22 +43,27 @@ class MetricsWriter:
         if not self.enabled:
             return
         rows = read_metrics(self.path) if self.path.exists() else []
-        # a resumed run rewrites rows from the epoch it resumes at
-        key = "epoch"
-        rows = [r for r in rows if key not in row or str(r.get(key)) != str(row[key])] + [
-            {k: _fmt(v) for k, v in row.items()}]
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        key = "step" if "step" in row else "epoch"  # a row redone after a resume replaces the first one
+        rows = [r for r in rows if str(r.get(key)) != str(row[key])] + [{k: _fmt(v) for k, v in row.items()}]
+        self._write_rows(rows)
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     self.tb.add_scalar(k, v, step if step is not None else row.get("epoch", 0))
             self.tb.flush()
+
+    def truncate(self, step: int) -> None:
+        """Drop the rows after ``step`` (written after the training state a run resumes from)."""
+        if self.enabled and self.path.exists():
+            self._write_rows([r for r in read_metrics(self.path) if int(float(r.get("step") or 0)) <= step])
+
+    def _write_rows(self, rows: list[dict]) -> None:
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.path, buf.getvalue())
 
     def close(self) -> None:
         if self.tb is not None:
@@ -82,8 +90,10 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, titl
     if not rows:
         return None
 
+    x = "epoch" if len({r.get("epoch") for r in rows}) == len(rows) else "step"
+
     def series(name):
-        pts = [(float(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "", "nan")]
+        pts = [(float(r[x]), float(r[name])) for r in rows if r.get(name) not in (None, "", "nan")]
         return [p for p in pts if math.isfinite(p[1])]
 
     loss_keys = [k for k in rows[0] if k.endswith("loss")]
@@ -94,7 +104,7 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, titl
             pts = series(k)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=k)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
         ax.legend()
         ax.grid(alpha=0.3)
@@ -105,3 +115,11 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, titl
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, disable=None)

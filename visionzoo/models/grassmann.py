@@ -33,6 +33,8 @@ class GrassmannHead(nn.Module):
     of class i. Input ``(..., in_features)`` -> logits ``(..., num_classes)``. ``gamma`` is fixed (not learned).
     """
 
+    on_manifold = True  # its parameters are orthonormal bases: nothing may rescale them
+
     def __init__(self, in_features: int, num_classes: int, dim: int = 8, gamma: float = 25.0,
                  device=None, dtype=None):
         super().__init__()

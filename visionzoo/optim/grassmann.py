@@ -100,6 +100,7 @@ class GrassmannOptimizer(Optimizer):
         for k, v in self._geo_defaults.items():
             group.setdefault(k, v)
         group["weight_decay"] = 0.0  # never on subspaces (and it would be normal to the manifold anyway)
+        group["no_clip"] = True  # a clipped Riemannian gradient is no longer the official step
         return group
 
     def _bind(self) -> None:

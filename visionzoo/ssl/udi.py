@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from ..engine.checkpoint import atomic_torch_save
+from ..files import atomic_torch_save
 
 _logger = logging.getLogger(__name__)
 

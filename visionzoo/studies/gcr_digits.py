@@ -143,7 +143,8 @@ def train_run(head: str, seed: int, epochs: int, data: dict, save_dir: str | Non
     import torch.nn.functional as F
 
     from ..engine.config import load_config
-    from ..engine.train import build_optimizer, build_scheduler, seed_everything
+    from ..engine.sampling import seed_everything
+    from ..tasks.classify import build_optimizer, build_scheduler
     from ..models import save_pretrained
 
     k = head_dim(head)

@@ -1,0 +1,146 @@
+"""The run folder, the same for every task: a lock while a run is alive, no reuse without ``--resume``, and one
+training state file (``train_state.pt``) written atomically and read with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from ..files import UnsafeCheckpointError, atomic_torch_save, safe_torch_load
+
+_logger = logging.getLogger("visionzoo")
+
+STATE_FILE = "train_state.pt"
+LOCK_FILE = ".lock"
+STATE_FORMAT = 2  # 1: the per-task files of visionzoo <= 0.1 (train_state.pt of `train`, last.pth, iter_N.pth, ...)
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (in use, already holds a run, nothing to resume)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunFolder:
+    """``path`` holds one run. ``open`` creates it (refusing a folder that already holds anything) or, with
+    ``resume``, continues it; either way it takes the lock, so a second live run in the same folder is refused."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._locked = False
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, resume: bool = False, lock: bool = True) -> "RunFolder":
+        run = cls(path)
+        if resume:
+            if not run.state_path.is_file():
+                what = "does not exist" if not run.path.exists() else f"has no {STATE_FILE}"
+                raise RunFolderError(f"Cannot resume {run.path}: it {what}. Pass the folder of an earlier run "
+                                     f"(it holds {STATE_FILE}), or start a new run without --resume.")
+        run.path.mkdir(parents=True, exist_ok=True)
+        if lock:
+            run.acquire()
+        if not resume:
+            taken = sorted(p.name for p in run.path.iterdir() if p.name != LOCK_FILE)
+            if taken:
+                run.release()
+                raise RunFolderError(
+                    f"{run.path} already holds a run ({', '.join(taken[:4])}{', ...' if len(taken) > 4 else ''}); "
+                    f"nothing was changed. Continue it with --resume {run.path}, or choose another --output / "
+                    f"--experiment.")
+        return run
+
+    def acquire(self) -> None:
+        lock = self.path / LOCK_FILE
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(lock.read_text() or "{}")
+                except (OSError, ValueError):
+                    other = {}
+                stale = other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1)))
+                if stale:  # its process died without releasing (killed): take the folder over
+                    _logger.warning("removing the stale lock of dead process %s in %s", other.get("pid"), self.path)
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise RunFolderError(
+                    f"{self.path} is in use by a live run (pid {other.get('pid', '?')} on {other.get('host', '?')}, "
+                    f"started {other.get('started', '?')}); nothing was changed. Wait for it to end, or, if that "
+                    f"process is gone, delete {lock}.") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            return
+
+    def release(self) -> None:
+        if self._locked:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            self._locked = False
+
+    def save_state(self, state: dict) -> None:
+        atomic_torch_save({"format": STATE_FORMAT, **state}, self.state_path)
+
+    def load_state(self) -> dict:
+        return load_train_state(self.path)
+
+
+def load_train_state(path: str | os.PathLike) -> dict:
+    """The training state of a run folder (or a ``train_state.pt`` path), read with ``weights_only=True``."""
+    path = Path(path)
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise RunFolderError(f"Cannot resume: no {STATE_FILE} in {path}. Pass the run folder of an earlier run.")
+    state = safe_torch_load(file, "training state")
+    if not isinstance(state, dict) or "progress" not in state:
+        raise UnsafeCheckpointError(f"{file} is not a visionzoo training state (no 'progress' entry).")
+    return state
+
+
+class StopSignal:
+    """While active, SIGINT / SIGTERM only set ``requested``: the loop saves a resumable state at the current step and
+    then stops. A second signal interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _logger.warning("%s received: saving the state at the current step, then stopping (again to abort)",
+                        signal.Signals(signum).name)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        return False
