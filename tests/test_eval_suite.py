@@ -230,13 +230,14 @@ def test_load_model_from_train_run_and_pretrain_run_folders(tmp_path):
     """A `visionzoo train` run folder resolves to its best/ model, rebuilt with the arguments in its config.json
     (here global_pool='avg', whose fc_norm keys a plain udi_vit_test lacks); a `visionzoo pretrain` run folder,
     whose config.json names no architecture, needs --model and says so."""
-    from visionzoo.engine.knn import load_model, resolve_checkpoint
+    from visionzoo.engine.knn import load_model
+    from visionzoo.models import resolve_checkpoint
 
     torch.manual_seed(3)
     trained = visionzoo.create_model("udi_vit_test", num_classes=0, global_pool="avg")
     run = tmp_path / "train_run"
     visionzoo.save_pretrained(trained, run / "best", model_args={"global_pool": "avg"})
-    assert resolve_checkpoint(str(run)) == str(run / "best" / "model.safetensors")
+    assert resolve_checkpoint(str(run)) == run / "best" / "model.safetensors"
     x = torch.randn(2, 3, 32, 32)
     for name in (None, "udi_vit_test"):
         model = load_model(name, str(run)).eval()

@@ -278,9 +278,9 @@ def _checkpoint_path(checkpoint: str | None) -> str | None:
         return None
     if os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json")):
         return checkpoint  # a save_pretrained folder
-    from ..engine.knn import resolve_checkpoint
+    from ..models import resolve_checkpoint
 
-    return resolve_checkpoint(checkpoint)
+    return str(resolve_checkpoint(checkpoint))
 
 
 def _is_vit(model: nn.Module) -> bool:

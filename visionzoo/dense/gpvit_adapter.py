@@ -400,7 +400,7 @@ class GPViTAdapter(nn.Module):
 
     def load_checkpoint(self, path: str) -> "GPViTAdapter":
         """Load a GPViT classification checkpoint or an adapter checkpoint (see the class docstring)."""
-        from ..engine.knn import resolve_checkpoint
+        from ..models import resolve_checkpoint
         from ..models._registry import load_weights
 
         return load_weights(self, resolve_checkpoint(path), filter_fn=adapter_checkpoint_filter_fn)

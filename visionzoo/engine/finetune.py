@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args):
     from ..cli import _config_overrides
     from .config import TrainConfig, apply_overrides, config_from_dict, load_config
-    from .knn import resolve_checkpoint
+    from ..models import resolve_checkpoint
 
     overrides = _config_overrides(args, TrainConfig)
     if args.data is not None:
@@ -57,7 +57,7 @@ def build_config(args):
         cfg = load_config(args.recipe, overrides)
     else:
         cfg = config_from_dict(apply_overrides(FINETUNE_DEFAULTS, overrides))
-    cfg.initial_checkpoint = resolve_checkpoint(args.checkpoint)
+    cfg.initial_checkpoint = str(resolve_checkpoint(args.checkpoint))
     if cfg.experiment is None:
         import time
 

@@ -73,35 +73,6 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def saved_model_dir(path: str) -> str | None:
-    """The save_pretrained folder (config.json naming an architecture + model.safetensors) that ``path`` is or holds:
-    ``path`` itself, or ``path/best`` then ``path/last`` of a `visionzoo train` run; None if there is none."""
-    for folder in (path, os.path.join(path, "best"), os.path.join(path, "last")):
-        config = os.path.join(folder, "config.json")
-        if os.path.isfile(config) and os.path.isfile(os.path.join(folder, "model.safetensors")):
-            with open(config) as f:
-                if "architecture" in json.load(f):  # a `visionzoo pretrain` run has a config.json of its own
-                    return folder
-    return None
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A weights file from a file, a save_pretrained folder, a `visionzoo train` run folder (its best/ model) or a
-    `visionzoo pretrain` run folder (its teacher backbone); a clear error otherwise."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        folder = saved_model_dir(path)
-        if folder:
-            return os.path.join(folder, "model.safetensors")
-        if os.path.isfile(os.path.join(path, "teacher_backbone.safetensors")):
-            return os.path.join(path, "teacher_backbone.safetensors")
-        raise FileNotFoundError(f"{path} is a folder without model.safetensors (a saved model or a `visionzoo train` "
-                                f"run) or teacher_backbone.safetensors (a `visionzoo pretrain` run): pass a weights "
-                                f"file.")
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-
-
 def load_model(model_name: str | None, checkpoint: str | None, num_classes: int = 0, seed: int = 0, **model_kwargs):
     """A model for feature extraction or fine-tuning, from a name and/or weights (see ``--checkpoint``);
     ``model_kwargs`` go to the constructor (e.g. ``dynamic_img_size=True`` for dense features). A saved model (or
@@ -113,6 +84,8 @@ def load_model(model_name: str | None, checkpoint: str | None, num_classes: int 
     from ..models import load_pretrained
 
     torch.manual_seed(seed)  # a random-init model (the usual baseline) is the same in every run
+    from ..models import resolve_checkpoint, saved_model_dir
+
     folder = saved_model_dir(checkpoint) if checkpoint and os.path.isdir(checkpoint) else None
     if folder:
         with open(os.path.join(folder, "config.json")) as f:
@@ -120,7 +93,7 @@ def load_model(model_name: str | None, checkpoint: str | None, num_classes: int 
         if model_name in (None, architecture):
             return load_pretrained(folder, num_classes=num_classes, **model_kwargs)  # the folder names its arch
     if checkpoint:
-        checkpoint = resolve_checkpoint(checkpoint)
+        checkpoint = str(resolve_checkpoint(checkpoint))
     if model_name is None:
         raise ValueError("--model is needed unless --checkpoint is a folder written by save_pretrained "
                          "(config.json + model.safetensors) or a `visionzoo train` run.")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterable
 
+import logging
+
 import torch
+
+_logger = logging.getLogger("visionzoo")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -53,8 +57,11 @@ class Precision:
 
     def __init__(self, device: torch.device, enabled: bool = False, dtype: str = "bfloat16"):
         self.device, self.enabled, self.dtype = device, bool(enabled), str(dtype)
-        if self.enabled:
-            amp_dtype(self.dtype)  # a clear error for an unknown name
+        if self.enabled and amp_dtype(self.dtype) == torch.float16 and device.type != "cuda":
+            # fp16 autocast is a GPU recipe (it needs the CUDA grad scaler); on a CPU it would only be slow
+            _logger.warning("amp_dtype float16 needs CUDA: running fp32 on %s (amp_dtype=bfloat16 autocasts on CPUs)",
+                            device)
+            self.enabled = False
         fp16 = self.enabled and amp_dtype(self.dtype) == torch.float16
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
         self.scaler = torch.amp.GradScaler(device.type) if fp16 and device.type == "cuda" else None

@@ -8,6 +8,8 @@ from ._registry import (
     load_pretrained,
     load_weights,
     read_state_dict,
+    resolve_checkpoint,
+    saved_model_dir,
     save_pretrained,
     unwrap_model,
 )

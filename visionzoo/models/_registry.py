@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -86,32 +87,64 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
     Wrappers used by training scripts are unwrapped: ``state_dict`` / ``state_dict_ema`` / ``model`` / ``module``
     entries and a leading ``module.`` on every key.
     """
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / "model.safetensors", path / "pytorch_model.bin", path / "open_clip_pytorch_model.bin"]
-        found = [c for c in candidates if c.exists()]
-        if not found:
-            raise FileNotFoundError(f"No model.safetensors (or pytorch_model.bin) in folder {path}.")
-        path = found[0]
-    if not path.exists():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    path = Path(resolve_checkpoint(path))
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        sd: Any = load_file(str(path))
-    else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle of arbitrary objects, truncated file, ...
-            raise CheckpointMismatchError(
-                f"Could not read {path} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
-                "Convert it to safetensors or re-save its state_dict."
-            ) from None
+            sd: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointMismatchError(f"Could not read {path} as safetensors ({e}): is the file truncated or "
+                                          f"not a safetensors file?") from None
+    else:
+        from ..files import UnsafeCheckpointError, safe_torch_load
+
+        try:
+            sd = safe_torch_load(path, "checkpoint")
+        except UnsafeCheckpointError as e:
+            raise CheckpointMismatchError(str(e)) from None
     if not isinstance(sd, dict):
         raise CheckpointMismatchError(f"{path} does not hold a state dict (found {type(sd).__name__}).")
     if use_ema:
         return unwrap_state_dict(sd, ("state_dict_ema", "model_ema", "state_dict", "model", "module"))
     return unwrap_state_dict(sd)
+
+
+def saved_model_dir(path: str | os.PathLike) -> Path | None:
+    """The save_pretrained folder (a config.json naming an architecture + model.safetensors) that ``path`` is or
+    holds: ``path`` itself, else ``best/`` then ``last/`` of a run folder of any task; None if there is none."""
+    path = Path(path)
+    for folder in (path, path / "best", path / "last"):
+        config = folder / "config.json"
+        if config.is_file() and (folder / "model.safetensors").is_file():
+            try:
+                if "architecture" in json.loads(config.read_text()):
+                    return folder
+            except ValueError:
+                continue
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """THE checkpoint resolver of every command: the weights file of a weights file, a save_pretrained folder, or a
+    run folder of any task (its ``best/``, else ``last/``; older UDI runs: teacher_backbone.safetensors)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        folder = saved_model_dir(path)
+        if folder is not None:
+            return folder / "model.safetensors"
+        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
+                     "teacher_backbone.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(
+            f"{path} is a folder without weights: pass a weights file, a save_pretrained folder (config.json + "
+            f"model.safetensors) or a run folder (its best/ or last/ holds them).")
+    raise FileNotFoundError(f"checkpoint not found: {path}. Pass a .safetensors/.pth file, a save_pretrained "
+                            f"folder or a run folder.")
 
 
 def unwrap_state_dict(state_dict: dict, keys: tuple = ("state_dict", "model", "module", "state_dict_ema")) -> dict:
