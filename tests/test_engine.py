@@ -60,6 +60,11 @@ def test_train_stop_mid_epoch_resume_is_exact_and_validate(tmp_path):
     assert_same_weights(weights(run_ref), weights(part["run_dir"]))
     assert_same_weights(weights(run_ref, "ema"), weights(part["run_dir"], "ema"))
     assert abs(resumed["val_top1"] - ref["val_top1"]) < 1e-6
+    from visionzoo.engine.logging import read_metrics
+
+    # the metrics of the resumed epoch cover all of it, as in the uninterrupted run
+    assert _non_timing(read_metrics(run_ref / "metrics.csv")) == \
+        _non_timing(read_metrics(Path(part["run_dir"]) / "metrics.csv"))
 
     from visionzoo.engine.evaluate import validate
 
@@ -204,3 +209,122 @@ def test_eval_img_size_fixres(tmp_path):
     assert saved["pretrained_cfg"]["input_size"] == [3, 32, 32]
     with pytest.raises(ValueError, match="cannot take 30x30"):
         train(tiny_cfg(tmp_path, model="coc_test", eval_img_size=30, max_steps=1, experiment="bad"), device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run folder: refusal, lock, signals, unsafe files, metrics of a resumed run
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _non_timing(rows):
+    return [{k: v for k, v in r.items() if not k.endswith(("_time_s", "img_per_sec", "seconds"))} for r in rows]
+
+
+def test_second_run_into_a_finished_or_live_folder_is_refused_untouched(tmp_path):
+    from visionzoo.engine.state import LOCK_FILE, RunFolder, RunFolderError
+
+    cfg = tiny_cfg(tmp_path, experiment="once", epochs=1, max_steps=3, model_ema=False, mixup=0.0)
+    run = Path(train(cfg)["run_dir"])
+    before = _files(run)
+    with pytest.raises(RunFolderError, match="already holds a run.*--resume"):
+        train(cfg)
+    assert _files(run) == before
+    # a live run (its lock held by this very process) refuses a second one, even with --resume
+    live = RunFolder.open(tmp_path / "live")
+    with pytest.raises(RunFolderError, match="in use by a live run"):
+        RunFolder.open(tmp_path / "live")
+    live.release()
+    assert not (tmp_path / "live" / LOCK_FILE).exists()
+    # a lock left by a dead process is taken over
+    (tmp_path / "dead").mkdir()
+    (tmp_path / "dead" / LOCK_FILE).write_text('{"pid": 999999999, "host": "%s"}' % __import__("socket").gethostname())
+    RunFolder.open(tmp_path / "dead").release()
+
+
+def test_sigint_saves_the_current_step_and_resume_loses_nothing(tmp_path):
+    import signal
+
+    from visionzoo.engine.loop import RunInterrupted
+    from visionzoo.engine.logging import read_metrics
+    from visionzoo.tasks import classify
+
+    ref = train(tiny_cfg(tmp_path, experiment="ref", epochs=1, model_ema=False))
+
+    class Interrupted(classify.ClassifyTask):
+        def after_update(self, model, ctx):
+            if ctx.step == 9:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = tiny_cfg(tmp_path, experiment="sig", epochs=1, model_ema=False)
+    cfg.check()
+    with pytest.raises(RunInterrupted, match="--resume"):
+        classify.fit(Interrupted(cfg))
+    from visionzoo.engine.state import load_train_state
+
+    assert load_train_state(tmp_path / "sig")["progress"]["global_step"] == 9
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    train(tiny_cfg(tmp_path, epochs=1), resume=tmp_path / "sig")
+    assert_same_weights(weights(ref["run_dir"]), weights(tmp_path / "sig"))
+    assert _non_timing(read_metrics(tmp_path / "sig" / "metrics.csv")) == \
+        _non_timing(read_metrics(Path(ref["run_dir"]) / "metrics.csv"))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_runs_nothing_anywhere(tmp_path, capsys):
+    from visionzoo.cli import main
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": _Evil(marker)}, evil)
+    fake_run = tmp_path / "fake_run"
+    fake_run.mkdir()
+    torch.save({"progress": {}, "x": _Evil(marker)}, fake_run / "train_state.pt")
+    commands = [
+        ["train", "--resume", str(fake_run)],
+        ["validate", "test_resnet", "--checkpoint", str(evil)],
+        ["knn", "--model", "test_resnet", "--checkpoint", str(evil), "--data", "digits"],
+        ["finetune", "--model", "test_resnet", "--checkpoint", str(evil), "--epochs", "1"],
+        ["visualize", "attention", "--model", "udi_vit_test", "--checkpoint", str(evil)],
+    ]
+    for cmd in commands:
+        capsys.readouterr()
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "weights_only" in err and len(err.strip().splitlines()) <= 3, (cmd, err)
+        assert not marker.exists(), cmd
+
+
+def test_slurm_launch_without_torchrun_equals_torchrun(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from visionzoo.engine.config import TrainConfig\n"
+        "from visionzoo.tasks.classify import train\n"
+        "cfg = TrainConfig(model='test_resnet', dataset='digits', img_size=32, epochs=1, batch_size=16, lr=1e-3,\n"
+        "                  workers=0, seed=0, output=sys.argv[1], experiment=sys.argv[2], max_steps=4, mixup=0.2,\n"
+        "                  hflip=0.0, drop_path=0.1)\n"
+        "train(cfg, device='cpu')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29531", str(script), str(tmp_path), "torchrun"],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), "slurm"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                                   "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": "29533"}) for r in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert_same_weights(weights(tmp_path / "torchrun"), weights(tmp_path / "slurm"), atol=0)

@@ -61,10 +61,11 @@ class RunFolder:
             taken = sorted(p.name for p in run.path.iterdir() if p.name != LOCK_FILE)
             if taken:
                 run.release()
+                how = (f"Continue it with --resume {run.path}" if run.state_path.is_file() else
+                       "It holds no training state to resume (the run stopped before its first checkpoint): delete it")
                 raise RunFolderError(
                     f"{run.path} already holds a run ({', '.join(taken[:4])}{', ...' if len(taken) > 4 else ''}); "
-                    f"nothing was changed. Continue it with --resume {run.path}, or choose another --output / "
-                    f"--experiment.")
+                    f"nothing was changed. {how}, or choose another --output / --experiment.")
         return run
 
     def acquire(self) -> None:
