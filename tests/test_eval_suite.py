@@ -122,20 +122,43 @@ def test_linear_probe_learns_on_cached_features(tmp_path, capsys):
     assert main(["linear", "--model", "resnet10t", "--data", "digits", "--workers", "0", "--device", "cpu",
                  "--augment", "none", "--epochs", "15", "--lr", "0.2", "--batch-size", "64", "--batchnorm",
                  "--out", str(out)]) == 0
-    log = list(csv.DictReader(open(out / "linear.csv")))
+    assert "lr 0.05 = lr_base 0.2 x batch 64/256" in capsys.readouterr().out
+    log = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(log) == 15
-    summary = json.load(open(out / "linear.json"))
-    assert summary["best"]["top1"] > 60, summary  # chance is 10%
+    summary = json.load(open(out / "summary.json"))
+    assert summary["best_top1"] > 60, summary  # chance is 10%
     assert float(log[-1]["train_loss"]) < float(log[0]["train_loss"])
-    head = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "linear_head.safetensors"))
-    assert head["1.weight"].shape == (10, summary["feature_dim"]) and "0.running_mean" in head
+    head = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "best" / "model.safetensors"))
+    assert head["1.weight"].shape == (10, 512) and "0.running_mean" in head
+    # a second probe into the same folder is refused; --resume of a finished run changes nothing
+    assert main(["linear", "--model", "resnet10t", "--data", "digits", "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_linear_probe_resume_is_exact(tmp_path):
+    args = ["linear", "--model", "resnet10t", "--data", "digits", "--workers", "0", "--device", "cpu",
+            "--augment", "none", "--epochs", "3", "--lr", "0.2", "--batch-size", "64", "--img-size", "32"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    from visionzoo.tasks.linear_probe import LinearProbeConfig, linear_probe
+
+    cfg = LinearProbeConfig(model="resnet10t", data="digits", workers=0, augment="none", epochs=3, lr_base=0.2,
+                            batch_size=64, img_size=32, output=str(tmp_path), experiment="part", max_steps=30)
+    linear_probe(cfg, device="cpu")
+    assert main(args + ["--resume", str(tmp_path / "part")]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("ref", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[{k: v for k, v in r.items() if not k.endswith(("_time_s", "img_per_sec"))}
+             for r in csv.DictReader(open(tmp_path / name / "metrics.csv"))] for name in ("ref", "part")]
+    assert rows[0] == rows[1]
 
 
 def test_linear_probe_with_augmentation_and_last_blocks(tmp_path):
     assert main(["linear", "--model", "udi_vit_test", "--data", "digits", "--workers", "0", "--device", "cpu",
                  "--augment", "simple", "--hflip", "0", "--epochs", "1", "--n-last-blocks", "2",
-                 "--avgpool-patchtokens", "--out", str(tmp_path)]) == 0
-    summary = json.load(open(tmp_path / "linear.json"))
+                 "--avgpool-patchtokens", "--out", str(tmp_path / "run")]) == 0
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["n_last_blocks"] == 2 and summary["feature_dim"] == 3 * 32
 
 

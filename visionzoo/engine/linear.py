@@ -15,15 +15,14 @@ top-1/top-5 are reported and the head is saved.
 * ``none``: the eval transform; features are then computed ONCE and the probe trains on the cached features
   (fastest; the usual choice for small data such as the embedded digits).
 
-Single process. torch is imported only inside functions, so ``visionzoo --help`` stays fast.
+The probe is a task of the one training loop (visionzoo/tasks/linear_probe.py): a run folder with metrics.csv,
+summary.json and the head in last/ and best/, exact resume, DDP. ``--out DIR`` names the run folder itself.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import os
 
-from .knn import add_common_arguments, check_data, eval_datasets, load_model, loader, resolve_device, write_results
+from .knn import add_common_arguments
 
 AUGMENTS = ("simple", "strong", "none")
 
@@ -48,123 +47,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training images: simple (DINO), strong (UDI) or none (cached features)")
     parser.add_argument("--hflip", type=float, default=0.5, help="flip probability with --augment (0 for digits)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N", help="validate every N epochs")
+    parser.add_argument("--output", default="runs", help="parent folder of the run folder (default: runs)")
+    parser.add_argument("--experiment", "--exp", default=None, help="the run folder's name (default: <model>-<time>)")
+    parser.add_argument("--resume", default=None, metavar="RUN", help="continue a probe run folder exactly")
 
 
-def _train_transform(args, model, img_size: int):
-    from timm.data import resolve_data_config
+def config_from_args(args):
+    from ..engine.config import split_run_path
+    from ..tasks.linear_probe import LinearProbeConfig
 
-    from ..data.transforms import build_train_transform
-
-    cfg = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
-    strong = args.augment == "strong"
-    return build_train_transform(img_size, aa="rand-m9-mstd0.5-inc1" if strong else None,
-                                 reprob=0.25 if strong else 0.0, color_jitter=0.4 if strong else None,
-                                 interpolation="random" if strong else cfg["interpolation"], mean=cfg["mean"],
-                                 std=cfg["std"], hflip=args.hflip)
-
-
-def _accuracy(logits, labels) -> tuple[int, int]:
-    k = min(5, logits.shape[1])
-    pred = logits.topk(k, dim=1).indices
-    return int((pred[:, 0] == labels).sum()), int((pred == labels[:, None]).any(1).sum())
-
-
-def linear_probe(model, args, device) -> dict:
-    """Train the probe; returns the per-epoch log, best/last accuracies and the trained ``torch.nn.Linear``."""
-    import torch
-
-    from .features import extract, model_features, resolve_token
-
-    torch.manual_seed(args.seed)
-    token = resolve_token(model, args.token)
-    n_blocks = args.n_last_blocks or (4 if token != "pooled" and hasattr(model, "blocks") else 1)
-    n_blocks = min(n_blocks, len(model.blocks)) if hasattr(model, "blocks") else n_blocks
-    feat_kw = dict(token=token, n_last_blocks=n_blocks, avgpool_patchtokens=args.avgpool_patchtokens)
-    data = eval_datasets(args, model)
-    train_set, val_set = data[args.train_split], data[args.val_split]
-    val_feats, val_labels = extract(model, loader(val_set, args), device, **feat_kw)
-    top_label = int(val_labels.max())
-    if args.augment == "none":
-        train_feats, train_labels = extract(model, loader(train_set, args), device, **feat_kw)
-        train_feats, train_labels = train_feats.to(device), train_labels.to(device)
-        top_label = max(top_label, int(train_labels.max()))
-    else:
-        img_size = args.img_size or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-        train_set = eval_datasets(args, model, splits=(args.train_split,),
-                                  transform=_train_transform(args, model, img_size))[args.train_split]
-    num_classes = len(getattr(train_set, "classes", None) or []) or top_label + 1
-    val_feats, val_labels = val_feats.to(device), val_labels.to(device)
-
-    linear = torch.nn.Linear(val_feats.shape[1], num_classes)
-    torch.nn.init.normal_(linear.weight, std=0.01)
-    torch.nn.init.zeros_(linear.bias)
-    head = (torch.nn.Sequential(torch.nn.BatchNorm1d(val_feats.shape[1], affine=False), linear)
-            if args.batchnorm else linear).to(device)
-    lr = args.lr * args.batch_size / 256.0
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs, eta_min=0)
-    gen = torch.Generator().manual_seed(args.seed)
-    model.eval()
-    log, best = [], {"top1": -1.0}
-    for epoch in range(args.epochs):
-        head.train()
-        loss_sum = torch.zeros((), device=device)
-        n_seen = 0
-        if args.augment == "none":
-            perm = torch.randperm(train_feats.shape[0], generator=gen).to(device)
-            batches = ((train_feats[i], train_labels[i]) for i in perm.split(args.batch_size))
-        else:
-            batches = ((model_features(model, x.to(device, non_blocking=True), **feat_kw).detach(),
-                        torch.as_tensor(y).to(device)) for x, y in loader(train_set, args, shuffle=True,
-                                                                            seed=args.seed + epoch))
-        for f, y in batches:
-            loss = torch.nn.functional.cross_entropy(head(f), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * y.shape[0]
-            n_seen += y.shape[0]
-        sched.step()
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            head.eval()
-            with torch.no_grad():
-                c1, c5 = _accuracy(head(val_feats), val_labels)
-            row = {"epoch": epoch, "train_loss": round(float(loss_sum) / max(n_seen, 1), 6),
-                   "top1": round(100.0 * c1 / len(val_labels), 4), "top5": round(100.0 * c5 / len(val_labels), 4),
-                   "lr": opt.param_groups[0]["lr"]}
-            if not math.isfinite(row["train_loss"]):
-                raise FloatingPointError(f"linear probe loss is {row['train_loss']} at epoch {epoch}: lower --lr")
-            log.append(row)
-            if row["top1"] > best["top1"]:
-                best = dict(row)
-    return {"token": token, "n_last_blocks": n_blocks, "feature_dim": int(val_feats.shape[1]), "lr": lr,
-            "log": log, "best": best, "last": log[-1], "head": head.cpu()}
+    run = split_run_path(args.out) if args.out else {"output": args.output, "experiment": args.experiment}
+    return LinearProbeConfig(
+        model=args.model, checkpoint=args.checkpoint, data=args.data, train_split=args.train_split,
+        val_split=args.val_split, token=args.token, img_size=args.img_size, n_last_blocks=args.n_last_blocks,
+        avgpool_patchtokens=args.avgpool_patchtokens, batchnorm=args.batchnorm, augment=args.augment,
+        hflip=args.hflip, momentum=args.momentum, weight_decay=args.weight_decay, epochs=args.epochs,
+        batch_size=args.batch_size, lr_base=args.lr, workers=args.workers, eval_every=args.eval_every,
+        seed=args.seed, **run)
 
 
 def run(args) -> int:
-    if args.epochs < 1 or args.eval_every < 1:
-        raise ValueError("--epochs and --eval-every must be >= 1")
-    check_data(args)
-    device = resolve_device(args.device)
-    model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    res = linear_probe(model, args, device)
-    name = args.model or model.pretrained_cfg.get("architecture", "model")
-    print(f"linear probe on {args.data} for {name}" + (f" from {args.checkpoint}" if args.checkpoint else
-                                                         " (random init)")
-          + f": token {res['token']} x {res['n_last_blocks']} block(s), {res['feature_dim']}-d, lr {res['lr']:.4g}, "
-            f"{args.epochs} epochs, augment {args.augment}")
-    print(f"  best top-1 {res['best']['top1']:.2f}% (epoch {res['best']['epoch']}), "
-          f"last top-1 {res['last']['top1']:.2f}% top-5 {res['last']['top5']:.2f}%")
-    head = res.pop("head")
-    summary = {k: v for k, v in res.items() if k != "log"}
-    write_results(args.out, "linear", res["log"], {**summary, "model": name, "checkpoint": args.checkpoint,
-                                                   "augment": args.augment, "epochs": args.epochs})
-    if args.out:
-        from safetensors.torch import save_file
+    from ..tasks.linear_probe import linear_probe
 
-        tmp = os.path.join(args.out, "linear_head.safetensors.tmp")
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp)
-        os.replace(tmp, os.path.join(args.out, "linear_head.safetensors"))
+    cfg = config_from_args(args)
+    res = linear_probe(cfg, resume=args.resume, device=args.device)
+    name = cfg.model or "model"
+    print(f"linear probe on {cfg.data} for {name}" + (f" from {cfg.checkpoint}" if cfg.checkpoint else
+                                                        " (random init)")
+          + f": token {res['token']} x {res['n_last_blocks']} block(s), {res['feature_dim']}-d, "
+            f"lr {res['lr']:.4g} = lr_base {cfg.lr_base:g} x batch {cfg.global_batch()}/{cfg.lr_base_size}, "
+            f"{cfg.epochs} epochs, augment {cfg.augment}")
+    print(f"  best top-1 {res['best_top1']:.2f}%, last top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}%")
+    print(f"run directory: {res['run_dir']}")
     return 0

@@ -14,9 +14,21 @@ from ..files import atomic_write_text
 _logger = logging.getLogger("visionzoo")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (it may be replaced, e.g. by a test's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(is_main: bool = True) -> logging.Logger:
     if not _logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         _logger.addHandler(handler)
         _logger.propagate = False

@@ -323,6 +323,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
                    time_s=time.time() - t_start)
     if task.best_metric:
         summary[f"best_{task.best_metric}"] = prog.best
+    summary.update(task.summary())
     if info.is_main:
         atomic_write_text(run.path / "summary.json", json.dumps(
             {k: v for k, v in summary.items() if _jsonable(v)}, indent=1, default=str))

@@ -129,6 +129,10 @@ class Task:
 
         save_pretrained(self.export_model(model), folder, metadata=metadata)
 
+    def summary(self) -> dict:
+        """Extra entries of the run's summary.json."""
+        return {}
+
     def header(self) -> str:
         """A line for the run header (data sizes, classes)."""
         return ""
