@@ -16,10 +16,9 @@ A small CPU version of the GCR paper's Table 3 (spec gcr.md section 5), on data 
    mmpretrain's SGD), lr 0.1, weight decay 1e-4 on every Euclidean parameter, cosine to 0 per step, no warmup,
    batch 64, cross-entropy; GCR subspaces by the Riemannian SGD (geometry lr factor 1, no weight decay). Augmentation:
    a random affine per image (scale 0.85-1.15, rotation +-10 degrees, shift +-10%), done batched on tensors.
-   The loop is a short in-memory one built from the engine's optimizer and scheduler builders: the engine's
-   ``train()`` decodes every image through PIL, too slow for a multi-run study on a shared 2-core machine. Weights
-   are saved with ``save_pretrained`` (config.json + model.safetensors with the 32x32 preprocessing), exactly the
-   layout ``visionzoo train`` writes.
+   Each run is a task of the engine's one loop (a run folder per head and seed, exact resume) on in-memory
+   tensors with the affine batched per step (no PIL decode per sample). Weights are in the run folder's last/ and
+   best/ (config.json + model.safetensors with the 32x32 preprocessing), the layout ``visionzoo train`` writes.
 3. Evaluation: val top-1 of the trained head on the source classes, then ``visionzoo transfer`` (the CLI itself)
    on the saved models with both ImageFolders: a linear SVM on frozen features (C on a held-out 20% of train),
    class separation R^2 and variability on the val features (mean-centred), and the class-angle heat maps.
@@ -38,6 +37,12 @@ import platform
 import shutil
 import sys
 import time
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.task import Task
+from ..tasks.classify import build_optimizer, timm_schedule
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
@@ -111,9 +116,6 @@ def write_digits_classes(root: str, classes, img_size: int = IMG_SIZE) -> str:
 
 def random_affine(x, generator, scale=(0.85, 1.15), degrees: float = 10.0, shift: float = 0.1):
     """A random scale / rotation / shift per image of ``x`` (B, C, H, W) in [0, 1], batched; black outside."""
-    import torch
-    import torch.nn.functional as F
-
     b = x.shape[0]
     u = torch.rand(b, 4, generator=generator, dtype=x.dtype)
     s = scale[0] + (scale[1] - scale[0]) * u[:, 0]
@@ -137,64 +139,77 @@ def build_model(head: str, num_classes: int):
     return create_model("gcr_test", num_classes=num_classes, dim=k, backbone_kwargs=dict(BACKBONE))
 
 
-def train_run(head: str, seed: int, epochs: int, data: dict, save_dir: str | None = None) -> dict:
-    """Train ``head`` on ``data['train']`` (uint8 images, labels); return val top-1 on ``data['val']`` and the time."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..engine.config import load_config
-    from ..engine.sampling import seed_everything
-    from ..tasks.classify import build_optimizer, build_scheduler
-    from ..models import save_pretrained
+def train_run(head: str, seed: int, epochs: int, data: dict, save_dir: str) -> dict:
+    """Train ``head`` on ``data['train']`` (uint8 images, labels) through the engine's loop into the run folder
+    ``save_dir``; return val top-1 on ``data['val']``, the time and the architecture."""
+    from ..engine.config import load_config, split_run_path
+    from ..engine.loop import fit
 
     k = head_dim(head)
     # the recipe's numbers; softmax uses the same SGD as the GCR optimizer's Euclidean part (timm 'momentum' is
     # SGD without Nesterov; timm 'sgd' would add Nesterov)
-    cfg = load_config("gcr/gcr_digits_cpu", {"epochs": epochs, "seed": seed, "model": "gcr_test" if k else "resnet18d",
-                                             **({} if k else {"opt": "momentum",
-                                                              "opt_kwargs": {"filter_bias_and_bn": False}})})
-    seed_everything(seed)
-    (xt, yt), (xv, yv) = data["train"], data["val"]
-    num_classes = int(yt.max()) + 1
-    model = build_model(head, num_classes)
-    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    cfg = load_config("gcr/gcr_digits_cpu", {
+        "epochs": epochs, "seed": seed, "model": "gcr_test" if k else "resnet18d", "eval_every": epochs,
+        "log_interval": 10 ** 6, **split_run_path(save_dir),
+        **({} if k else {"opt": "momentum", "opt_kwargs": {"filter_bias_and_bn": False}})})
+    cfg.check()
+    t0 = time.time()
+    summary = fit(DigitsStudyTask(cfg, head, data), device="cpu")
+    return {"val_top1": summary["val_top1"], "train_time_s": time.time() - t0,
+            "model": "gcr_test" if k else "resnet18d"}
 
-    def to_input(u8):
-        return torch.as_tensor(u8).float().div(255.0).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
-    x_train, y_train = to_input(xt), torch.as_tensor(yt)
-    x_val, y_val = to_input(xv), torch.as_tensor(yv)
-    steps_per_epoch = len(x_train) // cfg.batch_size
-    optimizer = build_optimizer(cfg, model, cfg.lr)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
-    t0, step = time.time(), 0
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = (random_affine(x_train[idx], gen) - mean) / std
-            loss = F.cross_entropy(model(x), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if scheduler is not None:
-                scheduler.step_update(step)
-    train_time = time.time() - t0
-    model.eval()
-    with torch.no_grad():
-        pred = model((x_val - mean) / std).argmax(1)
-    top1 = 100.0 * float((pred == y_val).float().mean())
-    if not math.isfinite(float(loss.detach())):
-        raise RuntimeError(f"{head} seed {seed}: the loss became {float(loss.detach())}")
-    if save_dir is not None:
+class DigitsStudyTask(Task):
+    """In-memory digits, a batched random affine per step (no PIL decode per sample), GCR or softmax head."""
+
+    name = "gcr_digits"
+    best_metric = "val_top1"
+
+    def __init__(self, cfg, head: str, data: dict):
+        super().__init__(cfg)
+        self.head, (xt, yt), (xv, yv) = head, data["train"], data["val"]
+        self.train_set = torch.utils.data.TensorDataset(_to_input(xt), torch.as_tensor(yt))
+        self.x_val, self.y_val = _to_input(xv), torch.as_tensor(yv)
+        self.num_classes = int(yt.max()) + 1
+
+    def build_model(self, ctx):
+        model = build_model(self.head, self.num_classes)
+        self.mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+        return model
+
+    def train_dataset(self, ctx):
+        return self.train_set
+
+    def build_optimizer(self, model, lr):
+        return build_optimizer(self.cfg, model, lr)
+
+    def build_schedule(self, optimizer, ctx, lr):
+        c = self.cfg
+        return timm_schedule(optimizer, c.sched, c.epochs, ctx.steps_per_epoch, c.warmup_epochs, c.warmup_lr,
+                             c.warmup_prefix, c.min_lr)
+
+    def train_step(self, net, batch, ctx):
+        x, y = batch
+        x = (random_affine(x, None) - self.mean.to(x.device)) / self.std.to(x.device)  # global RNG, seeded per step
+        return {"loss": F.cross_entropy(net(x), y)}
+
+    def evaluate(self, model, ctx):
+        model.eval()
+        with torch.no_grad():
+            pred = model((self.x_val - self.mean) / self.std).argmax(1)
+        return {"val_top1": 100.0 * float((pred == self.y_val).float().mean())}
+
+    def export(self, model, folder, metadata):
+        from ..models import save_pretrained
+
         data_cfg = {"input_size": (3, IMG_SIZE, IMG_SIZE), "crop_pct": 1.0, "interpolation": "bicubic",
                     "mean": tuple(model.pretrained_cfg["mean"]), "std": tuple(model.pretrained_cfg["std"])}
-        save_pretrained(model, save_dir, data_config=data_cfg, metadata={"val_top1": top1, "head": head})
-    return {"val_top1": top1, "train_time_s": train_time, "model": model.pretrained_cfg["architecture"]}
+        save_pretrained(model, folder, data_config=data_cfg, metadata={**metadata, "head": self.head})
+
+
+def _to_input(u8):
+    return torch.as_tensor(u8).float().div(255.0).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,10 +315,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     torch.set_num_threads(args.threads)
-    from ..cli import main as cli_main
+    from ..engine import transfer
 
     t_start = time.time()
     out = os.path.abspath(args.out)
@@ -324,8 +337,11 @@ def main(argv=None) -> int:
             print(f"{head} seed {seed}: val top-1 {res['val_top1']:.2f}% ({res['train_time_s']:.0f} s)", flush=True)
 
     tdir = os.path.join(out, "transfer")
-    rc = cli_main(["transfer", "--model", *[r["model"] for r in runs], "--checkpoint", *[r["save_dir"] for r in runs],
-                   "--datasets", src_root, tgt_root, "--out", tdir, "--device", "cpu", "--classifier", args.classifier])
+    transfer_parser = argparse.ArgumentParser()
+    transfer.add_arguments(transfer_parser)
+    rc = transfer.run(transfer_parser.parse_args([
+        "--model", *[r["model"] for r in runs], "--checkpoint", *[r["save_dir"] for r in runs], "--datasets",
+        src_root, tgt_root, "--out", tdir, "--device", "cpu", "--classifier", args.classifier]))
     if rc:
         raise RuntimeError(f"visionzoo transfer failed (exit code {rc})")
     with open(os.path.join(tdir, "transfer.csv")) as f:
