@@ -26,7 +26,7 @@ import warnings
 
 import numpy as np
 
-from .datasets import (
+from .image_io import (
     IMG_EXTENSIONS, CorruptImageWarning, RobustSampleMixin, SkipTracker, _scan_class_folder, decode_image,
     find_classes, is_image_file,
 )
