@@ -2,56 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 
 
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--field-name`` flag per config field (timm's train.py names where they mean the same)."""
-    hints = typing.get_type_hints(cls)
-    short = {"batch_size": ["-b"], "experiment": ["--exp"]}
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        hint = str(hints[f.name])
-        kw: dict = {"dest": f"cfg_{f.name}", "default": None}
-        if "bool" in hint:
-            kw.update(nargs="?", const=True, type=_bool, metavar="BOOL")
-        elif "dict" in hint or "list" in hint:
-            kw.update(type=str, metavar="YAML")
-        elif "float" in hint:
-            kw.update(type=float)
-        elif "int" in hint:
-            kw.update(type=int)
-        else:
-            kw.update(type=str)
-        kw.setdefault("metavar", f.name.upper())
-        default = f.default if f.default is not dataclasses.MISSING else "{}"
-        kw["help"] = f"(default: {default})"
-        parser.add_argument(*short.get(f.name, []), flag, **kw)
-
-
-def _config_overrides(args, cls) -> dict:
-    import yaml
-
-    out = {}
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f"cfg_{f.name}", None)
-        if v is None:
-            continue
-        if isinstance(v, str) and ("dict" in str(f.type) or "list" in str(f.type)):
-            v = yaml.safe_load(v)
-        out[f.name] = v
-    return out
-
+from .engine.config import add_config_flags, config_overrides
 
 # ----------------------------------------------------------------------------------------------------------------
 # commands
@@ -59,7 +13,7 @@ def _config_overrides(args, cls) -> dict:
 def cmd_train(args) -> int:
     from .engine.config import TrainConfig, apply_overrides, load_config
 
-    overrides = _config_overrides(args, TrainConfig)
+    overrides = config_overrides(args, TrainConfig)
     if args.data is not None:
         overrides.setdefault("data_dir", args.data)
         overrides.setdefault("dataset", "auto")
@@ -186,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. model_kwargs.foo=1")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    _add_config_flags(p, TrainConfig)
+    add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="top-1/top-5/loss of a model, weights file or run directory")

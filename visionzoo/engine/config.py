@@ -1,9 +1,11 @@
 """Recipes are data: one YAML per recipe, loaded into a dataclass, overridable as ``key=value`` from the CLI."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,3 +275,50 @@ def split_run_path(path: str | os.PathLike) -> dict:
     """``--out RUN`` (the run folder itself, the older spelling) as the ``output`` / ``experiment`` fields."""
     path = Path(path)
     return {"output": str(path.parent), "experiment": path.name}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command-line flags generated from the config dataclasses (torch-free: the CLI builds its parsers from these)
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` flag per config field (timm's train.py names where they mean the same)."""
+    hints = typing.get_type_hints(cls)
+    short = {"batch_size": ["-b"], "experiment": ["--exp"]}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = str(hints[f.name])
+        kw: dict = {"dest": f"cfg_{f.name}", "default": None}
+        if "bool" in hint:
+            kw.update(nargs="?", const=True, type=_bool, metavar="BOOL")
+        elif "dict" in hint or "list" in hint:
+            kw.update(type=str, metavar="YAML")
+        elif "float" in hint:
+            kw.update(type=float)
+        elif "int" in hint:
+            kw.update(type=int)
+        else:
+            kw.update(type=str)
+        kw.setdefault("metavar", f.name.upper())
+        default = f.default if f.default is not dataclasses.MISSING else "{}"
+        kw["help"] = f"(default: {default})"
+        parser.add_argument(*short.get(f.name, []), flag, **kw)
+
+
+def config_overrides(args, cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f"cfg_{f.name}", None)
+        if v is None:
+            continue
+        if isinstance(v, str) and ("dict" in str(f.type) or "list" in str(f.type)):
+            v = yaml.safe_load(v)
+        out[f.name] = v
+    return out

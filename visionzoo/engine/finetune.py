@@ -26,7 +26,7 @@ FINETUNE_DEFAULTS = dict(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import _add_config_flags
+    from .config import add_config_flags
     from .config import TrainConfig
 
     parser.description = ("Fine-tune pretrained weights. Values come from the fine-tuning defaults (or --recipe), "
@@ -40,15 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
     parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. layer_decay=0.65")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    _add_config_flags(parser, TrainConfig)
+    add_config_flags(parser, TrainConfig)
 
 
 def build_config(args):
-    from ..cli import _config_overrides
+    from .config import config_overrides
     from .config import TrainConfig, apply_overrides, config_from_dict, load_config
     from ..models import resolve_checkpoint
 
-    overrides = _config_overrides(args, TrainConfig)
+    overrides = config_overrides(args, TrainConfig)
     if args.data is not None:
         overrides.setdefault("data_dir", args.data)
         overrides.setdefault("dataset", "auto")
