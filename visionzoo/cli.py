@@ -14,8 +14,11 @@ def cmd_train(args) -> int:
     from .engine.config import TrainConfig, apply_overrides, load_config
 
     overrides = config_overrides(args, TrainConfig)
-    if args.data is not None:
-        overrides.setdefault("data_dir", args.data)
+    data = args.data if args.data is not None else args.data_flag
+    if data == "digits":
+        overrides.setdefault("dataset", "digits")
+    elif data is not None:
+        overrides.setdefault("data_dir", data)
         overrides.setdefault("dataset", "auto")
     overrides = apply_overrides(overrides, args.set or [])
     cfg = load_config(args.recipe, overrides)
@@ -136,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="supervised training from a recipe and/or flags",
                        description="Train a model. Values come from --recipe, then flags, then --set key=value.")
     p.add_argument("data", nargs="?", default=None, help="dataset root with train/ and val/ (folders or LMDB)")
+    p.add_argument("--data", dest="data_flag", default=None, metavar="ROOT", help="the same as the positional DATA")
     p.add_argument("--recipe", "-r", default=None, help="shipped recipe name (visionzoo list recipes) or a YAML path")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. model_kwargs.foo=1")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto, cuda if available)")
     add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
@@ -227,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import models  # noqa: F401  registers our models into timm (deferred so that --help stays fast)
 
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training loop saved its state first and says how to resume
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user-caused errors end in one clear line, not a traceback
         if _is_user_error(e) and "VISIONZOO_DEBUG" not in __import__("os").environ:

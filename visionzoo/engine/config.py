@@ -60,6 +60,13 @@ class RunConfig:
             return float(self.lr)
         return float(self.lr_base) * self.global_batch(world_size) / float(self.lr_base_size)
 
+    def lr_rule(self, world_size: int = 1) -> str:
+        """The resolved lr with the rule that gave it, for run headers."""
+        lr = self.resolved_lr(world_size)
+        if self.lr is not None:
+            return f"lr {lr:.3g}"
+        return f"lr {lr:.3g} = lr_base {self.lr_base:g} x {self.global_batch(world_size)}/{self.lr_base_size}"
+
     def check(self) -> None:
         """Values no run can use, refused before anything is built."""
         for name in ("batch_size", "grad_accum_steps", "epochs", "log_interval", "eval_every"):
@@ -291,7 +298,7 @@ def _bool(v: str) -> bool:
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--field-name`` flag per config field (timm's train.py names where they mean the same)."""
     hints = typing.get_type_hints(cls)
-    short = {"batch_size": ["-b"], "experiment": ["--exp"]}
+    short = {"batch_size": ["-b"], "experiment": ["--exp"], "workers": ["-j"]}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])

@@ -215,9 +215,9 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
             v.zero_()
         prog.count, prog.period_start = 0, prog.global_step
 
-    _logger.info("%s: %s%s steps/epoch, %d steps, lr %.3g, global batch %d, %s, %s", task.name,
-                 task.header() + ", " if task.header() else "", steps_per_epoch, total_steps, lr,
-                 cfg.global_batch(info.world_size), precision.describe(), dev)
+    _logger.info("%s: %s%s steps/epoch, %d steps, %s, global batch %d, %s, %s", task.name,
+                 task.header() + ", " if task.header() else "", steps_per_epoch, total_steps,
+                 cfg.lr_rule(info.world_size), cfg.global_batch(info.world_size), precision.describe(), dev)
     summary: dict = {"run_dir": str(run.path)}
     stop = False
     t_start = time.time()
