@@ -238,8 +238,10 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
             remaining = min(steps_per_epoch - prog.step_in_epoch, total_steps - prog.global_step)
             net.train()
             t_epoch, seen = time.time(), 0
+            data_wait, t_ready = 0.0, time.perf_counter()  # time spent waiting for the loader (vs computing)
             bar = progress_bar(info.is_main, remaining, f"epoch {epoch + 1}/{epochs}")
             for micro, batch in enumerate(loader):
+                data_wait += time.perf_counter() - t_ready
                 if micro >= remaining * accum:
                     break
                 ctx.step, ctx.micro, ctx.values = prog.global_step, micro % accum, values
@@ -260,6 +262,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
                 prog.count += 1
                 seen += cfg.batch_size
                 if not last_micro:
+                    t_ready = time.perf_counter()
                     continue
                 precision.step(optimizer, task.clip_parameters(model, optimizer), cfg.clip_grad, cfg.clip_mode,
                                lambda: task.before_optimizer_step(model, ctx))
@@ -279,7 +282,8 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
                     if bar is not None:
                         bar.set_postfix(loss=f"{float(sums['loss']) / max(prog.count, 1):.4f}",
                                         lr=f"{row_values.get('lr', 0.0):.3g}",
-                                        img_s=f"{seen * info.world_size / max(time.time() - t_epoch, 1e-9):.0f}")
+                                        img_s=f"{seen * info.world_size / max(time.time() - t_epoch, 1e-9):.0f}",
+                                        data=f"{data_wait / max(time.time() - t_epoch, 1e-9):.0%}")
                 interrupted = stop_signal.requested
                 if info.distributed and (at % cfg.log_interval == 0 or at == total_steps):
                     interrupted = bool(all_reduce_sum(torch.tensor(int(interrupted), device=dev)))
@@ -299,6 +303,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
                 if cfg.max_steps is not None and cfg.max_steps <= at < total_steps:
                     stop = True
                     break
+                t_ready = time.perf_counter()
             if bar is not None:
                 bar.close()
             check_finite("the end of the epoch")
@@ -310,7 +315,8 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
             prog.step_in_epoch = 0
             if not cfg.eval_every_steps:
                 row = {"epoch": epoch + 1, "step": prog.global_step, **_lr_values(row_values),
-                       "img_per_sec": seen * info.world_size / max(elapsed, 1e-9), "epoch_time_s": elapsed}
+                       "img_per_sec": seen * info.world_size / max(elapsed, 1e-9), "epoch_time_s": elapsed,
+                       "data_wait_time_s": data_wait}
                 if (epoch + 1) % cfg.eval_every == 0 or prog.epoch == epochs:
                     evaluate(row, summary)
                 end_period(row)
