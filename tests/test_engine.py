@@ -328,3 +328,21 @@ def test_slurm_launch_without_torchrun_equals_torchrun(tmp_path):
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     assert_same_weights(weights(tmp_path / "torchrun"), weights(tmp_path / "slurm"), atol=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-b", "0"], "batch_size must be >= 1"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--num-classes", "0"], "num_classes must be >= 1"),
+    (["--exp", "../../escape"], "must be a plain folder name"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+])
+def test_bad_run_settings_are_one_line_errors(tmp_path, capsys, flags, message):
+    from visionzoo.cli import main
+
+    if "cuda" in flags[-1] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    rc = main(["train", "--model", "test_resnet", "--img-size", "32", "--output", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path.parent / "escape").exists()

@@ -136,6 +136,11 @@ class TrainConfig(RunConfig):
     drop: float | None = None
     aug_repeats: int = 0  # repeated augmentation (DeiT/RSB RepeatAugSampler): each image this many times per epoch
 
+    def check(self) -> None:
+        super().check()
+        if self.num_classes is not None and self.num_classes < 1:
+            raise RecipeError(f"num_classes must be >= 1 (or null: taken from the dataset), got {self.num_classes}.")
+
 
 class RecipeError(ValueError):
     pass

@@ -55,6 +55,9 @@ class Progress:
 def run_dir_for(cfg, info: DistInfo) -> Path:
     """``output/experiment``; without an experiment name, ``<model>-<time>`` made unique (as timm's get_outdir)."""
     name = cfg.experiment
+    if name and (Path(name).is_absolute() or Path(name).name != name or name in (".", "..")):
+        raise ValueError(f"--experiment {name!r} must be a plain folder name (it is created inside --output "
+                         f"{cfg.output}); to write elsewhere, change --output.")
     if not name:
         base = f"{getattr(cfg, 'model', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
         name, n = base, 1

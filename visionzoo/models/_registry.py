@@ -237,15 +237,15 @@ def save_pretrained(
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
+    from ..files import atomic_write
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
-    tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
-    os.replace(tmp, directory / "model.safetensors")
-    tmp_cfg = directory / "config.json.tmp"
-    save_config_for_hf(unwrap_model(model), str(tmp_cfg), model_args=model_args, data_config=data_config)
-    os.replace(tmp_cfg, directory / "config.json")
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(directory / "config.json", lambda tmp: save_config_for_hf(
+        unwrap_model(model), tmp, model_args=model_args, data_config=data_config))
     return directory
 
 
