@@ -1,4 +1,4 @@
-"""Point-cloud classification with the CoC point-cloud model (``coc_pointmlp``): data, training, evaluation, CLI.
+"""Point-cloud classification with the CoC point-cloud model (``coc_pointmlp``): data, loss, metrics, CLI.
 
 Follows the official CoC ``pointcloud/main.py`` recipe (spec coc.md section 6): ScanObjectNN PB_T50_RS h5 files,
 first 1024 points, train augmentation = per-axis scale U(2/3, 3/2) + translation U(-0.2, 0.2) + point shuffle,
@@ -6,23 +6,23 @@ label-smoothed cross-entropy (eps 0.2, the PointMLP ``cal_loss`` form), SGD lr 0
 cosine annealing per epoch down to 1e-4, batch 32 with drop_last; metrics OA and mAcc (balanced accuracy), the best
 test epoch is reported. An embedded procedural dataset (``shapes``) makes the whole path runnable on CPU.
 
-Data is held in memory as numpy arrays and batched by hand (ScanObjectNN is ~12k clouds of 1024x3 floats), so an
-epoch's order and augmentation come from one RNG seeded by (seed, epoch): a resumed run repeats the exact batches.
-torch is imported lazily so that ``visionzoo --help`` stays fast.
+Training runs on the shared engine (``visionzoo/tasks/pointcloud.py``, ``engine/loop.py``): the run folder, resume,
+metrics.csv and best/ last/ are the engine's. Data is held in memory as numpy arrays (ScanObjectNN is ~12k clouds
+of 1024x3 floats). torch is imported lazily so that ``visionzoo --help`` stays fast.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import io
-import json
+import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..engine.config import RecipeError, RunConfig, check_config_keys, read_recipe
+
+_logger = logging.getLogger("visionzoo")
 
 SCANOBJECTNN_CLASSES = ("bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
                         "bed", "pillow", "sink", "sofa", "toilet")
@@ -40,42 +40,53 @@ SMALL_MODEL_KWARGS = dict(points=128, embed_dim=16, dim_expansion=[2, 2], pre_bl
 # config
 
 @dataclass
-class PointCloudConfig:
-    """Point-cloud recipe. Every key is also a ``TrainConfig`` key with the same meaning (so the shared recipe
-    tooling can read these files); the number of points is ``model_kwargs['points']`` (default 1024)."""
+class PointCloudConfig(RunConfig):
+    """Point-cloud recipe: the shared ``RunConfig`` fields (seed, epochs, batch_size, lr, output, experiment, ...)
+    with the official recipe's defaults, plus the task's own. The number of points is ``model_kwargs['points']``
+    (default 1024)."""
 
+    task: str = "pointcloud"
     model: str = "coc_pointmlp"
     model_kwargs: dict = field(default_factory=dict)
     dataset: str = "scanobjectnn"  # scanobjectnn | shapes
     data_dir: str | None = None  # scanobjectnn: folder holding main_split/ (or the two h5 files)
     num_classes: int | None = None  # None: from the dataset
-    epochs: int = 250
-    batch_size: int = 32
-    world_size: int = 1
+    world_size: int = 1  # processes the recipe was written for (documentation)
     opt: str = "sgd"
-    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    sched: str = "cosine"  # per-epoch CosineAnnealingLR to min_lr
+    sched: str = "cosine"  # cosine annealing per epoch to min_lr (constant within an epoch) | none
     min_lr: float = 1e-4
     smoothing: float = 0.2
-    seed: int = 0
-    notes: str = ""
+    # RunConfig fields whose default is the official recipe's
+    epochs: int = 250
+    batch_size: int = 32
+    lr: float | None = 0.01
+    workers: int = 0  # the clouds are in memory: worker processes only add start-up time
 
     @property
     def points(self) -> int:
         return int(self.model_kwargs.get("points", 1024))
 
-    def global_batch(self, world_size: int | None = None) -> int:  # same helper as TrainConfig
-        return self.batch_size * (world_size or 1)
+    def check(self) -> None:
+        super().check()
+        if self.opt != "sgd":
+            raise RecipeError(f"point-cloud training uses opt 'sgd' (the official optimizer), got {self.opt!r}.")
+        if self.sched not in ("cosine", "none"):
+            raise RecipeError(f"point-cloud sched must be 'cosine' or 'none', got {self.sched!r}.")
+        if not 0 <= self.smoothing < 1:
+            raise RecipeError(f"smoothing must be in [0, 1), got {self.smoothing}.")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "recipe") -> "PointCloudConfig":
+        check_config_keys(data, cls, "point-cloud", source)
+        cfg = cls(**data)
+        cfg.check()
+        return cfg
 
     @classmethod
     def from_yaml(cls, recipe: str) -> "PointCloudConfig":
-        from ..engine.config import check_config_keys, read_recipe
-
-        data = read_recipe(recipe)
-        check_config_keys(data, cls, "point-cloud", f"recipe {recipe}")
-        return cls(**data)
+        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,20 +246,12 @@ def load_data(cfg: PointCloudConfig, shapes_per_class: tuple | None = None) -> t
     raise ValueError(f"unknown point-cloud dataset {cfg.dataset!r}: use 'scanobjectnn' or 'shapes'")
 
 
-def augment(points: np.ndarray, rng) -> np.ndarray:
-    """Official train augmentation on a batch ``[B, P, 3]``: per-cloud, per-axis scale U(2/3, 3/2), translation
-    U(-0.2, 0.2), then a random order of the points."""
-    B, P, _ = points.shape
-    out = points * rng.uniform(2 / 3, 3 / 2, (B, 1, 3)) + rng.uniform(-0.2, 0.2, (B, 1, 3))
-    perm = np.argsort(rng.random((B, P)), axis=1)
-    return np.take_along_axis(out, perm[..., None], axis=1).astype(np.float32)
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
-    """Shuffled index batches for one epoch (drop_last), and the RNG for its augmentation: both from (seed, epoch)."""
-    rng = np.random.default_rng([seed, epoch, 7])
-    order = rng.permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)], rng
+def augment(points: np.ndarray, rng=None) -> np.ndarray:
+    """Official train augmentation of one cloud ``[P, 3]``: per-axis scale U(2/3, 3/2), translation U(-0.2, 0.2),
+    then a random order of the points. ``rng``: numpy's global RNG by default (the loop seeds it per item)."""
+    rng = np.random if rng is None else rng
+    out = points * rng.uniform(2 / 3, 3 / 2, (1, 3)) + rng.uniform(-0.2, 0.2, (1, 3))
+    return out[rng.permutation(len(points))].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,15 +271,16 @@ def classification_metrics(pred, target, num_classes: int) -> dict:
     """OA and mAcc (mean per-class recall over the classes present = sklearn's balanced accuracy)."""
     import torch
 
-    correct = (pred == target).float()
     total = torch.bincount(target, minlength=num_classes).float()
-    hits = torch.bincount(target, weights=correct, minlength=num_classes)
+    hits = torch.bincount(target, weights=(pred == target).float(), minlength=num_classes)
+    return metrics_from_counts(hits, total)
+
+
+def metrics_from_counts(hits, total) -> dict:
+    """OA and mAcc from per-class hit and item counts."""
     present = total > 0
-    return {"oa": float(correct.mean()), "macc": float((hits[present] / total[present]).mean())}
+    return {"oa": float(hits.sum() / total.sum()), "macc": float((hits[present] / total[present]).mean())}
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# training
 
 def build_model(cfg: PointCloudConfig, num_classes: int):
     import timm
@@ -286,125 +290,14 @@ def build_model(cfg: PointCloudConfig, num_classes: int):
     return timm.create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    import torch
+def train(cfg: PointCloudConfig, out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+          device: str | None = None, data: tuple | None = None) -> dict:
+    """Train ``cfg`` on the engine (``tasks/pointcloud.py``); ``out`` is the run folder itself (the older spelling of
+    ``output``/``experiment``), ``resume`` an earlier run folder to continue exactly, ``data`` = (train, test) splits
+    that replace the config's dataset (tests). Returns the run's summary."""
+    from ..tasks.pointcloud import train as train_task
 
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def evaluate(model, split: PointCloudSplit, device, batch_size: int = 64) -> dict:
-    import torch
-
-    model.eval()
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(split), batch_size):
-            x = torch.from_numpy(split.points[i:i + batch_size]).to(device).transpose(1, 2)
-            preds.append(model(x).argmax(1))
-    pred = torch.cat(preds).cpu()
-    return classification_metrics(pred, torch.from_numpy(split.labels), len(split.classes))
-
-
-METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_oa", "test_oa", "test_macc", "seconds")
-
-
-def train(cfg: PointCloudConfig, out: str | os.PathLike, resume: str | None = None, device: str = "cpu",
-          data: tuple | None = None, log=print) -> dict:
-    """Train and evaluate every epoch; writes ``last.pth`` (full state), ``best.pth`` (model at the best test OA),
-    ``metrics.csv`` and ``summary.json`` to ``out``. Returns the summary. ``data`` = (train, test) splits overrides
-    the config's dataset (tests)."""
-    import torch
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_set, test_set = data or load_data(cfg)
-    num_classes = cfg.num_classes or len(train_set.classes)
-    if len(train_set) < cfg.batch_size:
-        raise ValueError(f"{len(train_set)} training clouds < batch size {cfg.batch_size} (drop_last gives no batch)")
-    if cfg.opt != "sgd" or cfg.sched not in ("cosine", "none"):
-        raise ValueError(f"point-cloud training supports opt 'sgd' and sched 'cosine' | 'none', got {cfg.opt!r}, "
-                         f"{cfg.sched!r}")
-    dev = torch.device(device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=cfg.min_lr) \
-        if cfg.sched == "cosine" else torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
-    start, history = 0, []
-    if resume:
-        path = Path(resume)
-        path = path / "last.pth" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint not found: {path} (give a run folder or its last.pth)")
-        state = torch.load(path, map_location=dev, weights_only=False)
-        old = state.get("config", {})
-        changed = [k for k in ("model", "model_kwargs", "dataset", "batch_size", "seed")
-                   if k in old and old[k] != getattr(cfg, k)]
-        if changed:
-            raise ValueError(f"--resume: {path} was trained with other {changed} "
-                             f"({ {k: old[k] for k in changed} }); resume with the same settings")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, history = state["epoch"] + 1, state["history"]
-        log(f"resumed from {path} at epoch {start}")
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout: same stream whether resumed or not
-        model.train()
-        batches, rng = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch)
-        lr = opt.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=dev)
-        hits = torch.zeros((), device=dev)
-        for idx in batches:
-            x = torch.from_numpy(augment(train_set.points[idx], rng)).to(dev).transpose(1, 2)
-            y = torch.from_numpy(train_set.labels[idx]).to(dev)
-            logits = model(x)
-            loss = smooth_ce(logits, y, cfg.smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-            hits += (logits.detach().argmax(1) == y).sum()
-        sched.step()
-        m = evaluate(model, test_set, dev)
-        seen = len(batches) * cfg.batch_size
-        row = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / len(batches),
-               "train_oa": float(hits) / seen, "test_oa": m["oa"], "test_macc": m["macc"],
-               "seconds": round(time.time() - t0, 3)}
-        history.append(row)
-        best = max(history, key=lambda r: (r["test_oa"], -r["epoch"]))
-        if best is row:
-            _atomic_save({"model": model.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg)},
-                         out / "best.pth")
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "epoch": epoch, "history": history, "config": dataclasses.asdict(cfg)}, out / "last.pth")
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-        _atomic_write_text(buf.getvalue(), out / "metrics.csv")
-        log(f"epoch {epoch}: lr {lr:.5f} loss {row['train_loss']:.4f} train OA {row['train_oa']:.4f} "
-            f"test OA {m['oa']:.4f} mAcc {m['macc']:.4f} ({row['seconds']:.1f}s)")
-    if not history:
-        raise ValueError(f"nothing to do: the run already has {cfg.epochs} epochs")
-    best = max(history, key=lambda r: (r["test_oa"], -r["epoch"]))
-    summary = {"best_epoch": best["epoch"], "best_oa": best["test_oa"], "best_oa_macc": best["test_macc"],
-               "best_macc": max(r["test_macc"] for r in history), "last": history[-1],
-               "chance": 1.0 / num_classes, "num_classes": num_classes, "train_size": len(train_set),
-               "test_size": len(test_set), "config": dataclasses.asdict(cfg)}
-    _atomic_write_text(json.dumps(summary, indent=2), out / "summary.json")
-    log(f"best test OA {best['test_oa']:.4f} (mAcc {best['test_macc']:.4f}) at epoch {best['epoch']}; "
-        f"chance {1.0 / num_classes:.4f}")
-    return summary
+    return train_task(cfg, out=out, resume=resume, device=device, data=data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,7 +309,7 @@ HELP = "point-cloud classification (CoC PointMLP) on ScanObjectNN h5 files or em
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Train and evaluate the CoC point-cloud classifier (coc_pointmlp). Defaults follow the "
                           "official ScanObjectNN recipe; --recipe pointcloud/coc_pointmlp_shapes_cpu is a small "
-                          "CPU run on embedded shapes.")
+                          "CPU run on embedded shapes. Values come from --recipe, then flags, then --set.")
     parser.add_argument("--recipe", default=None,
                         help="point-cloud recipe name or YAML (e.g. pointcloud/coc_pointmlp_scanobjectnn)")
     parser.add_argument("--data", default=None,
@@ -426,30 +319,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", action="store_true",
                         help="use the small CPU configuration of the model (SMALL_MODEL_KWARGS)")
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
+                        "(the schedule stays that of the full run; --resume continues)")
+    parser.add_argument("-b", "--batch-size", type=int, default=None)
+    parser.add_argument("-j", "--workers", type=int, default=None, help="data-loader processes (default 0)")
     parser.add_argument("--points", type=int, default=None, help="points per cloud (default 1024)")
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--out", default="runs/pointcloud", help="output folder (checkpoints, metrics.csv)")
-    parser.add_argument("--resume", default=None, help="run folder or last.pth to continue exactly")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (amp_dtype)")
+    parser.add_argument("--output", default=None, help="parent folder of the run folder (default runs)")
+    parser.add_argument("--experiment", "--exp", default=None,
+                        help="the run folder's name (default <model>-<date>-<time>)")
+    parser.add_argument("--out", default=None, help="the run folder itself (= --output PARENT --experiment NAME)")
+    parser.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN exactly")
+    parser.add_argument("--checkpoint", default=None, metavar="WEIGHTS",
+                        help="evaluate these weights on the test split instead of training: a run folder (best/, "
+                             "else last/), a save_pretrained folder, a weights file, or an older run's "
+                             "last.pth / best.pth")
+    parser.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
+                        help="more config overrides, e.g. min_lr=0 eval_every=5")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def config_from_args(args) -> PointCloudConfig:
-    cfg = PointCloudConfig.from_yaml(args.recipe) if args.recipe else PointCloudConfig()
-    kw = dict(cfg.model_kwargs)
+    """recipe < flags < --set, then the values checked."""
+    from ..engine.config import apply_overrides, split_run_path
+
+    data = read_recipe(args.recipe) if args.recipe else {}
+    kw = dict(data.get("model_kwargs") or {})
     if getattr(args, "small", False):
         kw = {**SMALL_MODEL_KWARGS, **{k: v for k, v in kw.items() if k != "points"}}
-    if args.points is not None:
+    if getattr(args, "points", None) is not None:
         kw["points"] = args.points
-    updates = {"model_kwargs": kw}
-    if args.data is not None:
-        updates["dataset"], updates["data_dir"] = parse_data(args.data)
-    for key in ("model", "epochs", "batch_size", "lr", "seed"):
-        if getattr(args, key) is not None:
-            updates[key] = getattr(args, key)
-    return dataclasses.replace(cfg, **updates)
+    data["model_kwargs"] = kw
+    if getattr(args, "data", None) is not None:
+        data["dataset"], data["data_dir"] = parse_data(args.data)
+    if getattr(args, "out", None):
+        data.update(split_run_path(args.out))
+    for key in ("model", "epochs", "max_steps", "batch_size", "workers", "lr", "seed", "output", "experiment"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    if getattr(args, "amp", False):
+        data["amp"] = True
+    data = apply_overrides(data, getattr(args, "set", None) or [], PointCloudConfig)
+    source = f"recipe {args.recipe}" if args.recipe else "flags"
+    return PointCloudConfig.from_dict(data, source)
 
 
 def run(args) -> int:
@@ -457,17 +372,27 @@ def run(args) -> int:
 
     import torch
 
+    from ..models import CheckpointMismatchError
+
     try:
         cfg = config_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        print(f"point cloud: {cfg.model} {cfg.model_kwargs} on {cfg.dataset} ({cfg.points} points), "
-              f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {device}")
-        train(cfg, args.out, resume=args.resume, device=device)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+        if getattr(args, "checkpoint", None):
+            from ..tasks.pointcloud import evaluate_checkpoint
+
+            m = evaluate_checkpoint(args.checkpoint, cfg, device=args.device)
+            print(f"{args.checkpoint}: test OA {m['test_oa']:.4f}, mAcc {m['test_macc']:.4f} "
+                  f"({m['test_size']} clouds, {m['num_classes']} classes)")
+            return 0
+        if args.resume:
+            print(f"point cloud: resuming {args.resume} with its own settings, device {args.device}")
+        else:
+            print(f"point cloud: {cfg.model} {cfg.model_kwargs} on {cfg.dataset} ({cfg.points} points), "
+                  f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {args.device}")
+        summary = train(cfg, resume=args.resume, device=args.device)
+        print(f"run directory: {summary['run_dir']}")
+    except (ValueError, FileNotFoundError, ImportError, CheckpointMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,7 +16,7 @@ from ._registry import (
 from . import _registry
 
 # Family modules: each import registers its models (@register_model) into timm's registry.
-_FAMILIES = ("context_cluster", "gpvit", "cswin", "gramian", "grassmann", "vit_udi")
+_FAMILIES = ("context_cluster", "coc_pointmlp", "gpvit", "cswin", "gramian", "grassmann", "vit_udi")
 for _name in _FAMILIES:
     __import__(f"{__name__}.{_name}")
 _registry.FAMILY_MODULES = _FAMILIES

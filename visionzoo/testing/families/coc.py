@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from visionzoo.models import coc_pointmlp as pm
 from visionzoo.models import context_cluster as cc
 from visionzoo.testing.parity import case_inputs, check_state_dict_layout, meta_model, official_state
 
@@ -58,13 +59,13 @@ class _NCHW(torch.nn.Module):
 def _point_block(kwargs: dict) -> torch.nn.Module:
     kw = dict(heads=4, head_dim=24)
     kw.update(kwargs)
-    return cc.PointContextCluster(kw["dim"], kw["heads"], kw["head_dim"])
+    return pm.PointContextCluster(kw["dim"], kw["heads"], kw["head_dim"])
 
 
 def _point_model(kwargs: dict) -> torch.nn.Module:
     kw = dict(kwargs)
     kw["num_classes"] = kw.pop("class_num", kw.pop("num_classes", 40))
-    return cc.PointMLPCoC(**kw)
+    return pm.PointMLPCoC(**kw)
 
 
 # official class (dotted path suffix) -> builder of our module from the official kwargs
