@@ -116,6 +116,7 @@ def test_missing_data_folder_is_a_clear_error_before_the_model(tmp_path, monkeyp
     cfg = tiny_cfg(tmp_path, dataset="folder", data_dir=str(tmp_path / "no_such_dir"))
     with pytest.raises((FileNotFoundError, ValueError), match="no_such_dir"):
         train(cfg)
+    assert list(tmp_path.iterdir()) == []  # the run folder it made is gone again
 
 
 def test_unknown_recipe_and_key_suggest_close_matches():

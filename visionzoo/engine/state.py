@@ -41,6 +41,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._locked = False
+        self.created = False  # made by this run: removed again if the run ends before writing anything
 
     @property
     def state_path(self) -> Path:
@@ -54,6 +55,7 @@ class RunFolder:
                 what = "does not exist" if not run.path.exists() else f"has no {STATE_FILE}"
                 raise RunFolderError(f"Cannot resume {run.path}: it {what}. Pass the folder of an earlier run "
                                      f"(it holds {STATE_FILE}), or start a new run without --resume.")
+        run.created = not run.path.exists()
         run.path.mkdir(parents=True, exist_ok=True)
         if lock:
             run.acquire()
@@ -97,6 +99,8 @@ class RunFolder:
         if self._locked:
             (self.path / LOCK_FILE).unlink(missing_ok=True)
             self._locked = False
+            if self.created and not any(self.path.iterdir()):  # failed before writing anything: leave no trace
+                self.path.rmdir()
 
     def save_state(self, state: dict) -> None:
         atomic_torch_save({"format": STATE_FORMAT, **state}, self.state_path)
