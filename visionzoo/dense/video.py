@@ -719,10 +719,9 @@ def _write(out: str, summary: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["sequence"])
         writer.writeheader()
         writer.writerows(rows)
-    tmp = os.path.join(out, "videoseg.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(out, "videoseg.json"))
+    from ..files import atomic_write_text
+
+    atomic_write_text(os.path.join(out, "videoseg.json"), json.dumps(summary, indent=1))
 
 
 def _print(summary: dict) -> None:

@@ -128,10 +128,9 @@ def write_results(out: str | None, name: str, rows: list[dict], summary: dict) -
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    tmp = os.path.join(out, f"{name}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(out, f"{name}.json"))
+    from ..files import atomic_write_text
+
+    atomic_write_text(os.path.join(out, f"{name}.json"), json.dumps(summary, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
