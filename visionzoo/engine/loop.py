@@ -198,13 +198,13 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
         if ema is not None:
             export("ema", module=ema.module)
 
-    def evaluate(row: dict, summary: dict) -> None:
+    def evaluate(row: dict, summary: dict, track_best: bool = True) -> None:
         res = task.evaluate(model, ctx)
         if ema is not None:
             res.update({f"ema_{k}": v for k, v in task.evaluate(ema.module, ctx).items()})
         row.update({k: v for k, v in res.items() if isinstance(v, (int, float))})
         summary.update(res)
-        value = res.get(task.best_metric) if task.best_metric else None
+        value = res.get(task.best_metric) if task.best_metric and track_best else None
         if value is not None and (prog.best is None or value > prog.best):
             prog.best = float(value)
             export("best", {task.best_metric: value})
@@ -227,7 +227,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
     values = row_values = schedule.apply(optimizer, prog.global_step)
     if task.eval_at_start and state is None:  # the baseline row (step 0) of methods that track it (UDI's k-NN)
         row = {"epoch": 0, "step": 0}
-        evaluate(row, summary)
+        evaluate(row, summary, track_best=False)  # the untrained model is a baseline, never best/
         summary.update({f"{k}_init": v for k, v in row.items() if k not in ("epoch", "step")})
         metrics.write(row, step=0)
     loader_generator = torch.Generator()  # creating loader iterators must not draw from the global RNG
