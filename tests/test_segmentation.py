@@ -1,5 +1,4 @@
 """Semantic segmentation (visionzoo.dense.segmentation): heads, metrics, data, inference, CLI train/eval/resume."""
-import argparse
 import dataclasses
 import json
 
@@ -11,16 +10,6 @@ import yaml
 
 from visionzoo.dense import segmentation as seg
 from visionzoo.dense.segmentation import SegmentationConfig
-
-
-def _parser():
-    p = argparse.ArgumentParser()
-    seg.add_arguments(p)
-    return p
-
-
-def _cli(argv) -> int:
-    return seg.run(_parser().parse_args(argv))
 
 
 class _PointwiseBackbone(nn.Module):
@@ -205,7 +194,7 @@ def test_every_segmentation_recipe_loads():
     assert len(names) == 18  # 6 CoC + 8 GPViT + 1 UDI official, 3 CPU recipes
     for name in names:
         cfg = SegmentationConfig.from_yaml(name)
-        assert cfg.iters > 0 and cfg.notes, name
+        assert cfg.steps > 0 and cfg.notes and cfg.task == "segment", name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +268,7 @@ def test_aug_test_averages_softmax_over_scales_and_flips(one_thread):
 # training: schedule, CLI end to end, exact resume
 
 def test_poly_schedule_with_warmup_matches_mmcv():
-    cfg = SegmentationConfig(lr=1.2e-4, iters=160000, sched="poly", poly_power=1.0, warmup_iters=1500,
+    cfg = SegmentationConfig(lr=1.2e-4, steps=160000, sched="poly", poly_power=1.0, warmup_iters=1500,
                              warmup_ratio=1e-6)
     it = 1000
     regular = (1 - it / 160000) ** 1.0
@@ -287,23 +276,39 @@ def test_poly_schedule_with_warmup_matches_mmcv():
     assert seg.lr_factor(cfg, 80000) == pytest.approx(0.5)
 
 
+def test_old_recipe_keys_are_aliases_with_a_note(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="visionzoo"):
+        cfg = SegmentationConfig.from_dict({"iters": 7, "eval_interval": 3, "ckpt_interval": 2, "max_keep_ckpts": 5})
+    assert (cfg.steps, cfg.eval_every_steps, cfg.checkpoint_every_steps, cfg.iters) == (7, 3, 2, 7)
+    assert "'iters' is now spelled 'steps'" in caplog.text and "'max_keep_ckpts' is ignored" in caplog.text
+    with pytest.raises(ValueError, match="both iters .* and steps"):
+        SegmentationConfig.from_dict({"iters": 7, "steps": 8})
+    with pytest.raises(ValueError, match="classify.*segmentation recipes"):
+        SegmentationConfig.from_dict({"task": "classify"})
+
+
 def test_optimizer_groups_no_decay_and_head_lr_mult():
     cfg = SegmentationConfig(head="segformer", num_classes=3, head_channels=8, weight_decay=0.01,
                              no_decay_keys=["norm", "1d"], lr_mults={"decode_head": 10.0})
     model = seg.build_segmentor(cfg, backbone=_PointwiseBackbone())
-    opt = seg.build_optimizer(model, cfg)
+    opt = seg.build_optimizer(model, cfg, lr=0.5)
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         g = by_param[id(p)]
         assert g["lr_scale"] == (10.0 if name.startswith("decode_head") else 1.0), name
+        assert g["lr"] == 0.5 * g["lr_scale"], name
         assert g["weight_decay"] == (0.0 if p.ndim <= 1 else 0.01), name
 
 
 def _tiny_recipe(tmp_path, **over):
+    """The CPU recipe shrunk to 4 iterations of batch 2 on 6 generated scenes (the old key names on purpose)."""
     from visionzoo.engine.config import find_recipe
 
     data = yaml.safe_load(find_recipe("segmentation/semfpn_shapes_cpu").read_text())
-    data.update(dict(iters=4, batch_size=2, eval_interval=4, ckpt_interval=2, log_interval=2, max_keep_ckpts=5,
+    data.pop("steps"), data.pop("eval_every_steps"), data.pop("checkpoint_every_steps")
+    data.update(dict(iters=4, batch_size=2, eval_interval=2, ckpt_interval=2, log_interval=1, max_keep_ckpts=5,
                      shapes_size=[64, 64], shapes_train=6, shapes_val=2, img_scale=[128, 32], crop_size=[32, 32],
                      data_dir=str(tmp_path / "shapes")))
     data.update(over)
@@ -312,29 +317,47 @@ def _tiny_recipe(tmp_path, **over):
     return str(path)
 
 
-def test_cli_train_eval_resume_is_exact(tmp_path, one_thread, capsys):
+def _rows(run):
+    from visionzoo.engine.logging import read_metrics
+
+    timing = ("_time_s", "img_per_sec", "seconds")
+    return [{k: v for k, v in r.items() if not k.endswith(timing)} for r in read_metrics(run / "metrics.csv")]
+
+
+def _same_weights(a, b):
+    from visionzoo.engine.state import load_train_state
+
+    wa, wb = load_train_state(a)["model"], load_train_state(b)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert float((wa[k].double() - wb[k].double()).abs().max()) <= 1e-6, k
+
+
+def test_cli_train_stop_resume_eval_visualize(tmp_path, one_thread, capsys):
+    from visionzoo.cli import main
+
     recipe = _tiny_recipe(tmp_path)
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
-    assert _cli(["train", "--recipe", recipe, "--out", str(run1), "--device", "cpu"]) == 0
-    assert sorted(p.name for p in run1.glob("iter_*.pth")) == ["iter_2.pth", "iter_4.pth"]
-    res = json.loads((run1 / "results.json").read_text())
-    assert 0.0 <= res["final"]["mIoU"] <= 1.0 and res["iter"] == 4 and res["best"]["iter"] == 4
-    # resume from the iteration-2 checkpoint into a new folder: iterations 2-3 repeat exactly
-    assert _cli(["train", "--recipe", recipe, "--out", str(run2), "--resume", str(run1 / "iter_2.pth"),
-                 "--device", "cpu"]) == 0
-    a = torch.load(run1 / "iter_4.pth", weights_only=False)
-    b = torch.load(run2 / "iter_4.pth", weights_only=False)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert [r for r in a["history"] if "loss" in r][-1]["loss"] == [r for r in b["history"] if "loss" in r][-1]["loss"]
-    # eval (whole and slide) on the folder the run trained on; results JSON written
+    base = ["segment", "train", "--recipe", recipe, "--device", "cpu"]
+    assert main(base + ["--out", str(run1)]) == 0
+    assert {p.name for p in run1.iterdir()} >= {"train_state.pt", "metrics.csv", "config.yaml", "best", "last"}
+    summary = json.loads((run1 / "summary.json").read_text())
+    assert 0.0 <= summary["mIoU"] <= 1.0 and summary["global_step"] == 4
+    # stopped after iteration 3 (mid-way between two evaluations), then resumed: the same weights and metrics.csv
+    assert main(base + ["--out", str(run2), "--max-steps", "3"]) == 0
+    assert main(["segment", "train", "--resume", str(run2), "--device", "cpu"]) == 0
+    _same_weights(run1, run2)
+    assert _rows(run1) == _rows(run2) and [r["step"] for r in _rows(run1)] == ["2", "4"]
+    # eval (whole and slide) of the run folder, on the data it trained on; results JSON written
     out = tmp_path / "eval.json"
-    assert _cli(["eval", "--checkpoint", str(run1), "--out", str(out), "--device", "cpu"]) == 0
-    assert json.loads(out.read_text())["mIoU"] == pytest.approx(res["final"]["mIoU"])
-    assert _cli(["eval", "--checkpoint", str(run1), "--mode", "slide", "--device", "cpu"]) == 0
+    for ckpt in (run1, run1 / "best", run1 / "last", run1 / "train_state.pt"):
+        assert main(["segment", "eval", "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu"]) == 0
+        assert json.loads(out.read_text())["mIoU"] == pytest.approx(summary["best"]), ckpt
+    assert main(["segment", "eval", "--checkpoint", str(run1), "--mode", "slide", "--device", "cpu"]) == 0
     assert "slide: mIoU" in capsys.readouterr().out
     # multi-scale + flip test: the dataset gives one image per ratio of img_scale (128x32 bounds -> 32x32 at 1.0)
-    assert _cli(["eval", "--checkpoint", str(run1), "--aug-test", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["segment", "eval", "--checkpoint", str(run1), "--aug-test", "--out", str(out),
+                 "--device", "cpu"]) == 0
     assert "whole + aug-test: mIoU" in capsys.readouterr().out
     assert json.loads(out.read_text())["aug_test"] == {"ratios": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True}
     cfg = SegmentationConfig.from_yaml(recipe)
@@ -342,31 +365,181 @@ def test_cli_train_eval_resume_is_exact(tmp_path, one_thread, capsys):
                                  aug_test=True)[0]
     assert [tuple(x.shape[1:]) for x in imgs] == [(32, 32), (32, 32), (32, 32), (64, 64), (64, 64), (64, 64)]
     assert label.shape == (64, 64)
-    # the untrained baseline of the learning check: same seed, same initial weights as the run's start
-    assert _cli(["eval", "--recipe", recipe, "--out", str(out), "--device", "cpu"]) == 0
+    # the untrained baseline of the learning check: the weights the run started from
+    from visionzoo.tasks import segment as segtask
+
+    assert main(["segment", "eval", "--recipe", recipe, "--out", str(out), "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["checkpoint"].startswith("untrained")
+    a, b = segtask.untrained_segmentor(cfg).state_dict(), segtask.untrained_segmentor(cfg).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # visualize
     img = next((tmp_path / "shapes" / "images" / "validation").glob("*.jpg"))
     png = tmp_path / "overlay.png"
-    assert _cli(["visualize", "--checkpoint", str(run1), "--image", str(img), "--out", str(png),
+    assert main(["segment", "visualize", "--checkpoint", str(run1), "--image", str(img), "--out", str(png),
                  "--device", "cpu"]) == 0
     from PIL import Image
 
     assert Image.open(png).size == (64, 64)
-    # resuming a finished run / another recipe is refused with a clear message
-    assert _cli(["train", "--recipe", recipe, "--out", str(run1), "--resume", "--device", "cpu"]) == 2
+    # resuming a finished run, or with another recipe, is refused with a clear message
+    capsys.readouterr()
+    assert main(["segment", "train", "--resume", str(run1), "--device", "cpu"]) == 2
     assert "nothing to do" in capsys.readouterr().err
-    assert _cli(["train", "--recipe", recipe, "--out", str(run2), "--resume", str(run1 / "iter_2.pth"),
-                 "--lr", "0.1", "--device", "cpu"]) == 2
+    assert main(["segment", "train", "--resume", str(run1), "--lr", "0.1", "--device", "cpu"]) == 2
     assert "resume with the same recipe" in capsys.readouterr().err
+    # a second run into the finished folder is refused without touching it
+    before = {p: p.read_bytes() for p in run1.rglob("*") if p.is_file()}
+    assert main(base + ["--out", str(run1)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run1.rglob("*") if p.is_file()} == before
+
+
+def test_sigint_then_resume_loses_no_step(tmp_path, one_thread):
+    import os
+    import signal
+
+    from visionzoo.engine.loop import RunInterrupted, fit
+    from visionzoo.engine.state import load_train_state
+    from visionzoo.tasks import segment as segtask
+
+    cfg = SegmentationConfig.from_yaml(_tiny_recipe(tmp_path))
+    seg.train(cfg, out=tmp_path / "ref", device="cpu")
+
+    class Interrupted(segtask.SegmentTask):
+        def after_update(self, model, ctx):
+            if ctx.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted, match="--resume"):
+        fit(Interrupted(dataclasses.replace(cfg, output=str(tmp_path), experiment="sig")), device="cpu")
+    assert load_train_state(tmp_path / "sig")["progress"]["global_step"] == 3
+    seg.train(cfg, resume=tmp_path / "sig", device="cpu")
+    _same_weights(tmp_path / "ref", tmp_path / "sig")
+    assert _rows(tmp_path / "ref") == _rows(tmp_path / "sig")
+
+
+def test_nan_loss_stops_and_keeps_a_finite_checkpoint(tmp_path, one_thread, monkeypatch):
+    from safetensors.torch import load_file
+
+    from visionzoo.engine.loop import NonFiniteLossError
+    from visionzoo.engine.state import load_train_state
+    from visionzoo.tasks import segment as segtask
+
+    step = segtask.SegmentTask.train_step
+
+    def nan_from_step_3(self, net, batch, ctx):
+        out = step(self, net, batch, ctx)
+        if ctx.step >= 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(segtask.SegmentTask, "train_step", nan_from_step_3)
+    cfg = SegmentationConfig.from_yaml(_tiny_recipe(tmp_path))
+    with pytest.raises(NonFiniteLossError, match="NaN"):
+        seg.train(cfg, out=tmp_path / "nan", device="cpu")
+    state = load_train_state(tmp_path / "nan")
+    assert state["progress"]["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    last = load_file(str(tmp_path / "nan" / "last" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in last.values() if v.is_floating_point())
+
+
+def _old_run(folder, cfg, recipe):
+    """A run folder as visionzoo <= 0.1 wrote it: iter_N.pth (model, optimizer, scaler, iter, history, config,
+    data_root), plain torch.save pickles of tensors, numbers, strings and dicts."""
+    from visionzoo.tasks import segment as segtask
+
+    folder.mkdir()
+    model = segtask.untrained_segmentor(cfg)
+    config = yaml.safe_load(open(recipe))  # the old field names (iters, eval_interval, ...)
+    torch.save({"model": model.state_dict(), "optimizer": {}, "scaler": {}, "iter": 2, "history": [],
+                "config": config, "data_root": cfg.data_dir}, folder / "iter_2.pth")
+    return model
+
+
+def test_old_iter_pth_still_evaluates_and_refuses_resume(tmp_path, one_thread, capsys):
+    from visionzoo.cli import main
+
+    recipe = _tiny_recipe(tmp_path)
+    cfg = SegmentationConfig.from_yaml(recipe)
+    seg.dataset_root(cfg)  # generate the scenes
+    model = _old_run(tmp_path / "old", cfg, recipe).eval()
+    expected = seg.evaluate(model, seg.ade20k_pairs(cfg.data_dir, "validation"), cfg, torch.device("cpu"))["mIoU"]
+    for path in (tmp_path / "old", tmp_path / "old" / "iter_2.pth"):
+        assert main(["segment", "eval", "--checkpoint", str(path), "--device", "cpu"]) == 0
+        assert f"mIoU {expected:.4f}" in capsys.readouterr().out
+        assert main(["segment", "train", "--recipe", recipe, "--resume", str(path), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "older visionzoo" in err and "segment eval --checkpoint" in err and "Traceback" not in err
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_runs_nothing(tmp_path, capsys):
+    from visionzoo.cli import main
+
+    recipe = _tiny_recipe(tmp_path)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "iter_4.pth"
+    torch.save({"model": _Evil(marker), "config": {}}, evil)
+    fake_run = tmp_path / "fake_run"
+    fake_run.mkdir()
+    torch.save({"progress": {}, "x": _Evil(marker)}, fake_run / "train_state.pt")
+    (fake_run / "config.yaml").write_text(open(recipe).read())
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(img)
+    commands = [["train", "--recipe", recipe, "--resume", str(evil)], ["train", "--resume", str(fake_run)],
+                ["eval", "--checkpoint", str(evil)], ["eval", "--checkpoint", str(fake_run)],
+                ["visualize", "--checkpoint", str(evil), "--image", str(img), "--out", str(tmp_path / "o.png")],
+                ["train", "--recipe", recipe, "--out", str(tmp_path / "o"), "--set", f"pretrained={evil}"]]
+    for cmd in commands:
+        capsys.readouterr()
+        assert main(["segment", *cmd, "--device", "cpu"]) == 2, cmd
+        err = capsys.readouterr().err
+        assert not marker.exists(), cmd
+        assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "weights_only" in err or "Refused" in err, (cmd, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_classify_run_folder_is_a_pretrained_backbone(tmp_path, one_thread):
+    """``--set pretrained=RUN``: the backbone weights of any run folder (here a supervised udi_vit_test run)."""
+    from visionzoo.engine.config import TrainConfig
+    from visionzoo.tasks.classify import train as classify_train
+
+    cls_cfg = TrainConfig(model="udi_vit_test", dataset="digits", img_size=32, epochs=1, max_steps=1, batch_size=8,
+                          output=str(tmp_path), experiment="cls", workers=0)
+    classify_train(cls_cfg)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "cls" / "last" / "model.safetensors"))
+    cfg = SegmentationConfig.from_yaml(_tiny_recipe(tmp_path, pretrained=str(tmp_path / "cls")))
+    model = seg.build_segmentor(cfg)
+    body = {k.split("vit.", 1)[1]: v for k, v in model.backbone.state_dict().items() if "vit." in k}
+    shared = [k for k in body if k in saved]
+    assert len(shared) > 10 and all(torch.equal(body[k], saved[k]) for k in shared)
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    assert _cli(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    from visionzoo.cli import main
+
+    assert main(["segment", "eval", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     recipe = _tiny_recipe(tmp_path, dataset="ade20k", data_dir=str(tmp_path / "no_ade"))
-    assert _cli(["train", "--recipe", recipe, "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    assert main(["segment", "train", "--recipe", recipe, "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
     assert "ADE20K layout not found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(["segment", "train", "--device", "cpu"]) == 2
+    assert "needs --recipe" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,12 +551,14 @@ def test_learning_check_on_shapes(recipe, tmp_path, one_thread):
     """1000 iterations (about 2 min on a quiet core, 6 under load): trained segments shapes, untrained does not."""
     cfg = SegmentationConfig.from_yaml(f"segmentation/{recipe}")
     cfg = dataclasses.replace(cfg, data_dir=str(tmp_path / "shapes"))
-    res = seg.train(cfg, tmp_path / "run", device="cpu", log=lambda *a: None)
+    from visionzoo.tasks import segment as segtask
+
+    seg.train(cfg, tmp_path / "run", device="cpu")
     root = seg.dataset_root(cfg)
-    torch.manual_seed(cfg.seed)
-    untrained = seg.evaluate(seg.build_segmentor(cfg), seg.ade20k_pairs(root, "validation"), cfg,
+    untrained = seg.evaluate(segtask.untrained_segmentor(cfg), seg.ade20k_pairs(root, "validation"), cfg,
                              torch.device("cpu"))
-    trained = res["final"]
+    model = segtask.load_segmentor(tmp_path / "run" / "last")[0]
+    trained = seg.evaluate(model, seg.ade20k_pairs(root, "validation"), cfg, torch.device("cpu"))
     assert trained["mIoU"] > untrained["mIoU"] + 0.05, (trained["mIoU"], untrained["mIoU"])
     shapes_iou = [v["IoU"] or 0.0 for k, v in trained["per_class"].items() if k != "background"]
     assert max(shapes_iou) > 0.15, trained["per_class"]

@@ -36,6 +36,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp_folder)`` then rename the folder onto ``path``, so that a reader never sees half a folder. When
+    another process published ``path`` first, its folder is kept and ours is dropped."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

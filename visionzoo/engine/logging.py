@@ -109,16 +109,17 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, titl
         return [p for p in pts if math.isfinite(p[1])]
 
     loss_keys = [k for k in rows[0] if k.endswith("loss")]
-    acc_keys = [k for k in rows[-1] if any(s in k for s in ("top1", "top5", "knn", "acc"))]
+    acc_keys = [k for k in rows[-1] if any(s in k.lower() for s in ("top1", "top5", "knn", "acc", "iou", "map", "oa"))]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, keys, ylabel in ((axes[0], loss_keys, "loss"), (axes[1], acc_keys, "accuracy (%)")):
+    for ax, keys, ylabel in ((axes[0], loss_keys, "loss"), (axes[1], acc_keys, "metric")):
         for k in keys:
             pts = series(k)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=k)
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

@@ -23,7 +23,7 @@ from .config import save_config
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from .logging import MetricsWriter, plot_curves, progress_bar, setup_logging
 from .precision import Precision
-from .sampling import EpochBatches, SeededDataset, mix_seed, seed_everything
+from .sampling import EpochBatches, SeededDataset, mix_seed, seed_everything, seed_model_init
 from .state import RunFolder, StopSignal, load_train_state
 from .task import Context, Task, to_device
 
@@ -104,7 +104,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
     dev = info.device
     ctx = Context(cfg=cfg, device=dev, rank=info.rank, world_size=info.world_size, run_dir=run.path)
     task.prepare(ctx)  # data checks first: a missing folder fails before any model is built
-    seed_everything(mix_seed(cfg.seed, 11))  # model initialisation
+    seed_model_init(cfg.seed)
     model = task.build_model(ctx).to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -29,6 +29,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_model_init(seed: int) -> None:
+    """The RNG state a run's model is built in: the loop calls it before ``task.build_model``, and a task calls it
+    to rebuild the untrained model a run started from (a learning check's baseline)."""
+    seed_everything(mix_seed(seed, 11))
+
+
 class SeededDataset(Dataset):
     """Seeds Python's, numpy's and torch's RNGs from (seed, epoch, index) before each item is built."""
 

@@ -1,0 +1,38 @@
+"""Semantic segmentation on any dense backbone: Semantic FPN, UperNet and the SegFormer head, ADE20K-layout data with
+the official mmseg pipelines, whole-image / sliding-window inference, mIoU, the pieces of the
+``segment`` task (``visionzoo/tasks/segment.py``: the engine's loop trains it) and the CLI.
+
+The official CoC (mmseg 0.19), GPViT (mmseg 0.23) and UDI (mmseg 0.30) recipes (specs coc.md section 6, gpvit.md
+section 5.2, udi.md section 7) are reproduced in plain PyTorch, without mmcv:
+
+* heads: ``FPNNeck`` + ``FPNHead`` (Semantic FPN), ``UPerHead`` (+ ``FCNHead`` auxiliary), ``SegformerHead``; module
+  names mirror mmseg's (``lateral_convs``, ``scale_heads``, ``psp_modules``, ``conv_seg``, ConvModule ``conv``/``bn``)
+  so official head weights map by name. Every head takes any list of maps: a 4/8/16/32 pyramid or GPViTSeg's four
+  stride-8 maps.
+* ``Segmentor`` = backbone (``visionzoo.dense.backbones.build_backbone``) + optional FPN neck + decode head (+ aux
+  head); logits are upsampled to the input size; the loss is mmseg's cross-entropy with ignore index 255 (by default
+  averaged over ALL pixels, ignored ones counting 0, as mmseg's ``avg_non_ignore=False``).
+* data: ADE20K layout, ``reduce_zero_label``, Resize(2048x512, ratio 0.5-2) -> RandomCrop(cat_max_ratio 0.75) ->
+  flip -> PhotoMetricDistortion -> Normalize -> Pad(255); test: keep-ratio resize + AlignedResize (multiple of 32).
+* training: per-iteration mmcv poly / step lr with a linear warm-up and AdamW / SGD with mmcv paramwise keys
+  (``training.py``); the loop, DDP, autocast, the run folder and exact resume are the engine's.
+
+Modules: ``config`` (SegmentationConfig), ``heads`` (heads, Segmentor), ``data`` (ADE20K layout, pipelines),
+``inference`` (whole / slide / aug-test, metrics, evaluate), ``training``, ``cli``.
+
+torch is imported lazily so that ``visionzoo --help`` stays fast.
+"""
+
+from .cli import HELP, add_arguments, config_from_args, overlay, palette, run
+from .config import ALIASES, DEPRECATED, HEADS, IMAGENET_MEAN, IMAGENET_STD, SegmentationConfig
+from .data import *  # noqa: F401,F403
+from .heads import *  # noqa: F401,F403
+from .heads import _resize  # noqa: F401
+from .inference import *  # noqa: F401,F403
+from .training import build_optimizer, lr_factor, train
+
+
+def __getattr__(name):  # the head classes, created on first use (see heads.py)
+    from . import heads
+
+    return getattr(heads, name)

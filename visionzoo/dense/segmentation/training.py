@@ -1,0 +1,41 @@
+"""The pieces the segment task gives the engine: mmcv-style parameter groups and the per-iteration lr factor."""
+from __future__ import annotations
+
+from .config import SegmentationConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# training pieces (the loop is the engine's: visionzoo/tasks/segment.py)
+
+def build_optimizer(model, cfg: SegmentationConfig, lr: float | None = None):
+    """AdamW / SGD over mmcv-style parameter groups (``no_decay_keys``, ``lr_mults`` as each group's ``lr_scale``,
+    which the engine's schedule applies)."""
+    import torch
+
+    from ..common import param_groups
+
+    lr = cfg.lr if lr is None else lr
+    groups = param_groups(model, cfg.weight_decay, tuple(cfg.no_decay_keys), dict(cfg.lr_mults))
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    if cfg.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps,
+                                 weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: SegmentationConfig, it: int, lr: float | None = None) -> float:
+    """mmcv's per-iteration lr factor at iteration ``it`` (poly / step / constant with a linear warm-up)."""
+    from ...engine.schedule import mmcv_factor
+
+    lr = cfg.lr if lr is None else lr
+    return mmcv_factor(it, cfg.iters, policy=cfg.sched, warmup_iters=cfg.warmup_iters,
+                       warmup_ratio=cfg.warmup_ratio, power=cfg.poly_power,
+                       min_ratio=cfg.min_lr / lr if lr else 0.0)
+
+
+def train(cfg: SegmentationConfig, out=None, resume=None, device: str | None = None, log=None) -> dict:
+    """Iteration-based training on the engine (``out``: the run folder itself; ``resume``: a run folder to continue
+    exactly). Returns the run's summary. See ``visionzoo.tasks.segment.train``."""
+    from ...tasks.segment import train as _train
+
+    return _train(cfg, out=out, resume=resume, device=device)
