@@ -33,3 +33,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _caplog_sees_visionzoo(request):
+    """A run sets up the 'visionzoo' logger to print on its own (no propagation to the root logger), so a later
+    test's caplog would miss its records: hand caplog's handler to that logger directly."""
+    if "caplog" not in request.fixturenames:
+        yield
+        return
+    import logging
+
+    handler = request.getfixturevalue("caplog").handler
+    logger = logging.getLogger("visionzoo")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionzoo import bench
+from visionzoo.cli import tools
 from visionzoo.models import UnknownModelError
 
 FAST = dict(num_warm_iter=1, num_bench_iter=2)
 
 
 def _parse(argv):
-    return bench.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return tools.benchmark(argparse.ArgumentParser()).parse_args(argv)
 
 
 class ConvAttnNet(nn.Module):
@@ -190,8 +191,8 @@ def test_wildcards_and_model_list(tmp_path):
 
 def test_help_does_not_import_torch():
     # the console script is named `visionzoo`, which makes `import visionzoo` skip the model registration
-    code = ("import sys; sys.argv = ['visionzoo']; import argparse, visionzoo.bench as b; "
-            "p = b.add_arguments(argparse.ArgumentParser()); p.format_help(); print('torch' in sys.modules)")
+    code = ("import sys; sys.argv = ['visionzoo']; import argparse, visionzoo.cli.tools as b; "
+            "p = b.benchmark(argparse.ArgumentParser()); p.format_help(); print('torch' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"

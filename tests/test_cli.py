@@ -80,3 +80,37 @@ def test_tool_help_does_not_import_torch():
     assert out.strip().endswith("NOTORCH")
     for flag in ("--nb-knn", "--n-last-blocks", "--checkpoint", "--angles", "--points"):
         assert flag in out, flag
+
+
+def test_the_command_lines_choices_are_the_librarys():
+    """cli/tools.py repeats the library's choices (it must not import torch): both must agree."""
+    from visionzoo import bench
+    from visionzoo.cli import tools
+    from visionzoo.dense import video
+    from visionzoo.engine import features, linear, semisup, transfer
+    from visionzoo.ssl import pretrain
+
+    assert tools.TOKENS == features.TOKENS and tools.AUGMENTS == linear.AUGMENTS
+    assert tools.SAMPLINGS == semisup.SAMPLINGS and tools.STYLES == video.STYLES
+    assert tools.ANGLE_STATS == transfer.ANGLE_STATS and tools.DEFAULT_C_GRID == transfer.DEFAULT_C_GRID
+    assert (tools.PRECISIONS, tools.BENCH_MODES, tools.COMPILE_MODES) == \
+        (bench.PRECISIONS, bench.BENCH_MODES, bench.COMPILE_MODES)
+    assert tools.METHODS == pretrain.METHODS
+    from visionzoo.cli import TOOLS
+
+    assert all(callable(getattr(tools, name)) for name in TOOLS)
+
+
+def test_profile_times_loader_and_step_of_any_task_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    commands = [["train", "--recipe", "demo/digits", "-j", "0", "--output", str(tmp_path / "runs")],
+                ["segment", "train", "--recipe", "segmentation/segformer_shapes_cpu", "--out", str(tmp_path / "s"),
+                 "--set", "shapes_train=24", "shapes_val=2"]]
+    for cmd in commands:
+        assert main(cmd + ["--profile", "2", "--device", "cpu"]) == 0, cmd
+        out = capsys.readouterr().out
+        m = re.search(r"loader ([\d.]+) img/s .* train step ([\d.]+) img/s over 2 batches", out)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+    assert list(tmp_path.iterdir()) == []  # no run folder, no generated data left behind

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from visionzoo.dense import common, shapes
+from visionzoo.engine.schedule import FactorSchedule, mmcv_factor
 
 
 def test_scene_is_deterministic_and_consistent():
@@ -55,20 +56,20 @@ def test_ade20k_layout(tmp_path):
     assert (label > 1).any()
 
 
-def test_iter_lr_factor_matches_mmcv_rules():
+def test_mmcv_factor_matches_mmcv_rules():
     # step 1x: steps at 8 and 11 of 12 epochs, 500-iteration linear warm-up from 0.001
-    f = lambda it: common.iter_lr_factor(it, 1200, "step", warmup_iters=500, warmup_ratio=0.001, steps=(800, 1100))
+    f = lambda it: mmcv_factor(it, 1200, "step", warmup_iters=500, warmup_ratio=0.001, steps=(800, 1100))
     assert f(0) == pytest.approx(0.001)
     assert f(250) == pytest.approx(1 - 0.5 * 0.999)
     assert f(500) == 1.0 and f(799) == 1.0
     assert f(800) == pytest.approx(0.1) and f(1100) == pytest.approx(0.01)
     # poly power 1 down to 0 with warm-up multiplying the poly value
-    p = lambda it: common.iter_lr_factor(it, 1000, "poly", warmup_iters=100, warmup_ratio=1e-6, power=1.0)
+    p = lambda it: mmcv_factor(it, 1000, "poly", warmup_iters=100, warmup_ratio=1e-6, power=1.0)
     assert p(1000) == 0.0 and p(500) == pytest.approx(0.5)
     assert p(50) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))
-    assert common.iter_lr_factor(500, 1000, "poly", power=0.9, min_ratio=0.1) == pytest.approx(0.5 ** 0.9 * 0.9 + 0.1)
+    assert mmcv_factor(500, 1000, "poly", power=0.9, min_ratio=0.1) == pytest.approx(0.5 ** 0.9 * 0.9 + 0.1)
     with pytest.raises(ValueError, match="poly"):
-        common.iter_lr_factor(0, 10, "cosinus")
+        mmcv_factor(0, 10, "cosinus")
 
 
 def test_param_groups_and_set_lr():
@@ -84,5 +85,5 @@ def test_param_groups_and_set_lr():
     assert by_name["1.weight"] == (0.0, 1.0) and by_name["pos_embed"] == (0.0, 1.0)
     assert by_name["2.weight"] == (0.05, 10.0) and by_name["2.bias"] == (0.0, 10.0)
     opt = torch.optim.AdamW(groups, lr=1.0)
-    common.set_lr(opt, 2e-4, 0.5)
+    FactorSchedule(2e-4, lambda step: 0.5).apply(opt, 0)  # the engine applies each group's lr_scale
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([1e-4, 1e-3])

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from visionzoo.cli import tools
 from visionzoo.dense import detection as det
 from visionzoo.dense.detection import CocoDetection, DetectionConfig, build_detector, collate
+from visionzoo.testing.unsafe import RunsCodeWhenUnpickled
 
 
 def _tiny(**kw) -> DetectionConfig:
@@ -132,30 +134,50 @@ def test_flip_moves_boxes_with_masks(coco_root):
                 assert abs(xs.min().item() - box[0].item()) <= 1.5 and abs(xs.max().item() + 1 - box[2].item()) <= 1.5
 
 
-def test_epoch_batches_shard_and_pad():
-    b0 = det.epoch_batches(5, 2, 2, 0, seed=0, epoch=3)
-    b1 = det.epoch_batches(5, 2, 2, 1, seed=0, epoch=3)
-    seen = [i for b in b0 + b1 for i, _ in b]
-    assert len(b0) == len(b1) == 2 and sorted(set(seen)) == [0, 1, 2, 3, 4] and len(seen) == 8
-    assert all(e == 3 for b in b0 for _, e in b)
-    assert b0 != det.epoch_batches(5, 2, 2, 0, seed=0, epoch=4)
-    assert len(det.epoch_batches(3, 4, 2, 1, seed=0, epoch=0)[0]) == 4  # a global batch larger than the data
+def _batches(n, batch_size, world_size, rank, seed, epoch, groups=None):
+    """This rank's batches of one epoch as the loop draws them for detection (``DetectTask.sampling`` = pad, the
+    aspect groups of ``DetectTask.sample_groups``)."""
+    from visionzoo.engine.sampling import EpochBatches
+    from visionzoo.tasks.detect import DetectTask
 
+    sampler = EpochBatches(n, batch_size, seed, rank, world_size, mode=DetectTask.sampling,
+                           groups=None if groups is None else list(groups))
+    return sampler.epoch_batches(epoch)
+
+
+def test_epoch_batches_shard_and_pad():
+    b0 = _batches(5, 2, 2, 0, seed=0, epoch=3)
+    b1 = _batches(5, 2, 2, 1, seed=0, epoch=3)
+    seen = [i for b in b0 + b1 for i in b]
+    assert len(b0) == len(b1) == 2 and sorted(set(seen)) == [0, 1, 2, 3, 4] and len(seen) == 8
+    assert b0 != _batches(5, 2, 2, 0, seed=0, epoch=4)
+    assert len(_batches(3, 4, 2, 1, seed=0, epoch=0)[0]) == 4  # a global batch larger than the data
 
 
 def test_epoch_batches_group_by_aspect_like_mmdet():
     groups = np.array([0] * 7 + [1] * 3)  # 7 landscape, 3 portrait images
-    ranks = [det.epoch_batches(10, 2, 2, r, seed=0, epoch=1, groups=groups) for r in range(2)]
+    ranks = [_batches(10, 2, 2, r, seed=0, epoch=1, groups=groups) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 3  # groups padded to 8 + 4 images = 6 batches of 2, 3 per rank
     for b in ranks[0] + ranks[1]:
-        assert len(b) == 2 and len({groups[i] for i, _ in b}) == 1, b  # one aspect group per batch
-    seen = [i for b in ranks[0] + ranks[1] for i, _ in b]
+        assert len(b) == 2 and len({groups[i] for i in b}) == 1, b  # one aspect group per batch
+    seen = [i for b in ranks[0] + ranks[1] for i in b]
     assert sorted(set(seen)) == list(range(10)) and len(seen) == 12
-    assert ranks[0] == det.epoch_batches(10, 2, 2, 0, seed=0, epoch=1, groups=groups)  # a pure function
-    assert ranks[0] != det.epoch_batches(10, 2, 2, 0, seed=0, epoch=2, groups=groups)
+    assert ranks[0] == _batches(10, 2, 2, 0, seed=0, epoch=1, groups=groups)  # a pure function
+    assert ranks[0] != _batches(10, 2, 2, 0, seed=0, epoch=2, groups=groups)
     # one group: exactly the plain shuffle (so square-image runs are unchanged)
-    assert det.epoch_batches(10, 2, 2, 1, seed=0, epoch=1, groups=np.zeros(10)) == \
-        det.epoch_batches(10, 2, 2, 1, seed=0, epoch=1)
+    assert _batches(10, 2, 2, 1, seed=0, epoch=1, groups=np.zeros(10)) == _batches(10, 2, 2, 1, seed=0, epoch=1)
+
+
+def test_train_items_come_from_the_seeded_global_rng(coco_root):
+    """The loop seeds the global RNGs from (seed, epoch, index) before each item: the same seed gives the same item,
+    another seed (another epoch) another flip."""
+    from visionzoo.engine.sampling import SeededDataset
+
+    ds = SeededDataset(CocoDetection(coco_root, "train2017", train=True, flip_prob=0.5), seed=0)
+    first = [ds[i][0] for i in range(4)]
+    assert all(torch.equal(a, ds[i][0]) for i, a in enumerate(first))
+    ds.epoch = 1
+    assert not all(torch.equal(a, ds[i][0]) for i, a in enumerate(first))
 
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation plumbing
@@ -296,7 +318,45 @@ def test_single_scale_native_pyramid_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CLI: train -> eval -> visualize, and exact resume
+# config: old keys, CLI flags
+
+def test_old_keys_are_aliases_with_a_note(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="visionzoo"):
+        cfg = DetectionConfig.from_dict(dict(eval_interval=2, checkpoint_interval=0, log_every=5, max_keep_ckpts=3,
+                                             max_iters=7))
+    assert (cfg.eval_every, cfg.checkpoint_every_steps, cfg.log_interval, cfg.max_steps) == (2, None, 5, 7)
+    assert "'eval_interval' is now spelled 'eval_every'" in caplog.text and "max_keep_ckpts" in caplog.text
+    assert DetectionConfig.from_dict(dict(ckpt_interval=9)).checkpoint_every_steps == 9
+    with pytest.raises(ValueError, match="both eval_interval"):
+        DetectionConfig.from_dict(dict(eval_interval=2, eval_every=3))
+    from visionzoo.engine.config import RunConfig
+
+    cfg = DetectionConfig.from_yaml("detection/maskrcnn_shapes_cpu")
+    assert isinstance(cfg, RunConfig) and cfg.task == "detect" and cfg.eval_every == 4
+
+
+def _parse(argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    tools.detect(p)
+    return p.parse_args(argv)
+
+
+def test_cli_flags_out_output_experiment_and_set():
+    cfg = det.config_from_args(_parse(["train", "--recipe", "detection/maskrcnn_shapes_cpu", "--out", "/x/runs/a",
+                                       "-b", "3", "--max-iters", "5", "--set", "eval_interval=2", "clip_grad=35"]))
+    assert (cfg.output, cfg.experiment, cfg.batch_size, cfg.max_steps, cfg.eval_every, cfg.clip_grad) == \
+        ("/x/runs", "a", 3, 5, 2, 35)
+    cfg = det.config_from_args(_parse(["train", "--recipe", "detection/maskrcnn_shapes_cpu", "--output", "/y",
+                                       "--experiment", "b", "--max-steps", "4", "--lr", "0.01"]))
+    assert (cfg.output, cfg.experiment, cfg.max_steps, cfg.lr) == ("/y", "b", 4, 0.01)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training on the engine: run folder, exact resume, NaN stop, refused reuse, export, old files, unsafe files
 
 def _recipe(tmp_path, **kw):
     cfg = _tiny(**kw)
@@ -308,39 +368,211 @@ def _recipe(tmp_path, **kw):
     return str(path)
 
 
-def test_cli_train_eval_visualize_and_exact_resume(one_thread, tmp_path, capsys):
+def _run_cfg(tmp_path, name, **kw) -> DetectionConfig:
+    """4 training scenes, batch 2: 2 steps per epoch, 2 epochs."""
+    return _tiny(**{"epochs": 2, "output": str(tmp_path), "experiment": name, **kw})
+
+
+def _rows(run):
+    """metrics.csv without its timing columns."""
+    import csv
+
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    timing = ("_time_s", "img_per_sec", "seconds")
+    return [{k: v for k, v in r.items() if not k.endswith(timing)} for r in rows]
+
+
+def test_stop_mid_epoch_then_resume_is_exact(one_thread, tmp_path):
+    from visionzoo.cli import main
+    from visionzoo.engine.state import load_train_state
+
+    full = det.train(_run_cfg(tmp_path, "full"))
+    assert full["global_step"] == 4 and full["epochs_done"] == 2 and full["classes"] == ["circle", "square",
+                                                                                          "triangle"]
+    part = det.train(_run_cfg(tmp_path, "part"), max_iters=3)  # stops after step 1 of epoch 2
+    assert part["global_step"] == 3
+    assert load_train_state(tmp_path / "part")["progress"]["step_in_epoch"] == 1
+    # the CLI continues the run folder with its own saved settings (no recipe needed)
+    assert main(["detect", "train", "--resume", str(tmp_path / "part"), "--device", "cpu"]) == 0
+    a, b = load_train_state(tmp_path / "full"), load_train_state(tmp_path / "part")
+    assert a["progress"]["global_step"] == b["progress"]["global_step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert float((a["model"][k].double() - b["model"][k].double()).abs().max()) <= 1e-6, k
+    rows = _rows(tmp_path / "full")
+    assert rows == _rows(tmp_path / "part") and len(rows) == 2 and "bbox_AP50" in rows[-1]
+    assert "train_loss_mask" in rows[-1] and rows[-1]["step"] == "4"
+
+
+def test_nan_loss_stops_and_keeps_a_finite_last(one_thread, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from visionzoo.engine.loop import NonFiniteLossError
+    from visionzoo.engine.state import load_train_state
+    from visionzoo.tasks import detect as dt
+
+    step = dt.DetectTask.train_step
+
+    def nan_at_the_last_step(self, net, batch, ctx):
+        out = step(self, net, batch, ctx)
+        if ctx.step >= 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(dt.DetectTask, "train_step", nan_at_the_last_step)
+    with pytest.raises(NonFiniteLossError, match="NaN"):
+        det.train(_run_cfg(tmp_path, "nan"))
+    last = load_file(str(tmp_path / "nan" / "last" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in last.values() if v.is_floating_point())
+    assert load_train_state(tmp_path / "nan")["progress"]["global_step"] == 2
+
+
+def test_a_second_run_into_a_run_folder_is_refused_untouched(one_thread, tmp_path, capsys):
+    from visionzoo.cli import main
+    from visionzoo.engine.state import RunFolderError
+
+    det.train(_run_cfg(tmp_path, "run", epochs=1))
+    run = tmp_path / "run"
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        det.train(_run_cfg(tmp_path, "run", epochs=1))
+    capsys.readouterr()
+    assert main(["detect", "train", "--recipe", _recipe(tmp_path), "--out", str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "Traceback" not in err
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_cli_train_eval_visualize(one_thread, tmp_path, capsys):
+    import csv
+
     from visionzoo.cli import main
 
-    recipe = _recipe(tmp_path)
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(["detect", "train", "--recipe", recipe, "--out", str(full), "--epochs", "2"]) == 0
-    assert main(["detect", "train", "--recipe", recipe, "--out", str(part), "--epochs", "1"]) == 0
-    assert main(["detect", "train", "--recipe", recipe, "--out", str(part), "--epochs", "2", "--max-iters", "3",
-                 "--resume", str(part)]) == 0  # stops inside epoch 1: a mid-epoch checkpoint
-    assert torch.load(part / "last.pth", weights_only=False)["batch_in_epoch"] == 1
-    assert main(["detect", "train", "--recipe", recipe, "--out", str(part), "--epochs", "2",
-                 "--resume", str(part)]) == 0
-    a = torch.load(full / "last.pth", weights_only=False)
-    b = torch.load(part / "last.pth", weights_only=False)
-    assert a["iteration"] == b["iteration"] == 4
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
-    assert [r["epoch"] for r in b["history"]] == [0, 1] and "bbox_AP50" in b["history"][-1]
-    summary = json.loads((full / "summary.json").read_text())
-    assert summary["iterations"] == 4 and summary["classes"] == ["circle", "square", "triangle"]
-
+    run = tmp_path / "run"
+    assert main(["detect", "train", "--recipe", _recipe(tmp_path), "--out", str(run), "--epochs", "2",
+                 "--device", "cpu"]) == 0
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "train_state.pt", "metrics.csv", "summary.json",
+                                               "last", "best"}
+    assert not (run / "last.pth").exists() and not (run / "metrics.jsonl").exists()
+    assert json.loads((run / "last" / "config.json").read_text())["task"] == "detect"
+    last_row = list(csv.DictReader(open(run / "metrics.csv")))[-1]
     capsys.readouterr()
-    assert main(["detect", "eval", "--checkpoint", str(full), "--out", str(tmp_path / "m.json")]) == 0
-    m = json.loads((tmp_path / "m.json").read_text())
-    assert m["bbox_AP50"] == pytest.approx(a["history"][-1]["bbox_AP50"]) and "segm_AP" in m
+    for ckpt in (run / "last", run / "train_state.pt"):  # the final weights: the last row's AP
+        out = tmp_path / "m.json"
+        assert main(["detect", "eval", "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu"]) == 0
+        m = json.loads(out.read_text())
+        assert m["bbox_AP50"] == pytest.approx(float(last_row["bbox_AP50"])) and "segm_AP" in m, ckpt
+    summary = json.loads((run / "summary.json").read_text())
+    assert main(["detect", "eval", "--checkpoint", str(run), "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["bbox_AP"] == pytest.approx(summary["best_bbox_AP"])  # run folder: best/
 
-    image = next((full / "shapes_coco_4_2_64x64_s0" / "val2017").glob("*.jpg"))
-    assert main(["detect", "visualize", "--checkpoint", str(full), "--image", str(image),
-                 "--out", str(tmp_path / "pred.png"), "--score-thresh", "0.0"]) == 0
+    image = next((run / "shapes_coco_4_2_64x64_s0" / "val2017").glob("*.jpg"))
+    assert main(["detect", "visualize", "--checkpoint", str(run), "--image", str(image),
+                 "--out", str(tmp_path / "pred.png"), "--score-thresh", "0.0", "--device", "cpu"]) == 0
     from PIL import Image
 
     assert Image.open(tmp_path / "pred.png").size == (64, 64)
     assert "detections above" in capsys.readouterr().out
+    model, cfg, classes = det.load_detector(run / "best")
+    assert classes == ["circle", "square", "triangle"] and cfg.fpn_channels == 16 and not model.training
+    import shutil
+
+    moved = tmp_path / "moved"  # a moved run folder still evaluates on the shapes it keeps
+    shutil.move(str(run), str(moved))
+    assert det.evaluate_checkpoint(moved / "last")["bbox_AP50"] == pytest.approx(float(last_row["bbox_AP50"]))
+    assert not run.exists()
+
+
+def _old_run(folder, cfg):
+    """A run folder as visionzoo <= 0.1's detection loop wrote it: last.pth (model, optimizer, scaler, epoch,
+    iteration, history, classes, config with the old keys, and mid-epoch RNG states), a plain torch.save pickle of
+    tensors, numbers, strings, dicts and numpy RNG arrays."""
+    import random
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = build_detector(cfg, 3, pretrained=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    config = dataclasses.asdict(cfg)
+    for k in ("task", "output", "experiment", "steps", "max_steps", "grad_accum_steps", "lr_base", "lr_base_size",
+              "clip_mode", "channels_last", "torchcompile", "model_ema", "model_ema_decay", "model_ema_warmup",
+              "eval_every_steps", "checkpoint_every_steps", "eval_every"):
+        config.pop(k)
+    config.update(eval_interval=1, checkpoint_interval=0)
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": {}, "epoch": 0,
+                "iteration": 2, "history": [{"epoch": 0, "iteration": 2, "loss": 3.0}],
+                "classes": ["circle", "square", "triangle"], "config": config, "batch_in_epoch": 1,
+                "world_size": 1, "partial_sums": {"loss_mask": 0.7}, "rng": rng, "rng_per_rank": [rng]},
+               folder / "last.pth")
+    return model
+
+
+def test_old_last_pth_still_evaluates_and_refuses_resume(one_thread, tmp_path, capsys):
+    from visionzoo.cli import main
+
+    cfg = _tiny()
+    old = tmp_path / "old"
+    model = _old_run(old, cfg).eval()
+    root = det.prepare_data(cfg, old)  # an old shapes run kept its data in the run folder
+    expected = det.evaluate(model, CocoDetection(root, "val2017"), torch.device("cpu"))["bbox_AP50"]
+    for path in (old, old / "last.pth"):
+        assert det.evaluate_checkpoint(path)["bbox_AP50"] == pytest.approx(expected), path
+        _, _, classes = det.load_detector(path)
+        assert classes == ["circle", "square", "triangle"]
+    for resume in (old, old / "last.pth"):
+        capsys.readouterr()
+        assert main(["detect", "train", "--resume", str(resume), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "older visionzoo" in err and "--checkpoint" in err and "Traceback" not in err
+
+
+def test_a_malicious_pickle_runs_nothing(tmp_path, capsys):
+    from visionzoo.cli import main
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": RunsCodeWhenUnpickled(marker)}, evil)
+    fake_run = tmp_path / "fake_run"
+    fake_run.mkdir()
+    torch.save({"progress": {}, "x": RunsCodeWhenUnpickled(marker)}, fake_run / "train_state.pt")
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    torch.save({"model": RunsCodeWhenUnpickled(marker), "history": []}, old_run / "last.pth")
+    recipe = _recipe(tmp_path)
+    train = ["detect", "train", "--recipe", recipe, "--out", str(tmp_path / "o"), "--device", "cpu"]
+    for cmd in (train + ["--resume", str(evil)], train + ["--resume", str(fake_run)],
+                train + ["--resume", str(old_run)],
+                ["detect", "eval", "--checkpoint", str(evil), "--device", "cpu"],
+                ["detect", "eval", "--checkpoint", str(old_run), "--device", "cpu"],
+                ["detect", "visualize", "--checkpoint", str(fake_run / "train_state.pt"), "--image", "x.png",
+                 "--out", str(tmp_path / "p.png"), "--device", "cpu"]):
+        capsys.readouterr()
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert not marker.exists(), cmd
+        assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "weights_only" in err or "Refused" in err, (cmd, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_classify_run_folder_is_a_pretrained_backbone(tmp_path, one_thread):
+    """``--pretrained RUN``: the backbone weights of any run folder (here a supervised udi_vit_test run)."""
+    from safetensors.torch import load_file
+
+    from visionzoo.engine.config import TrainConfig
+    from visionzoo.tasks.classify import train as classify_train
+
+    classify_train(TrainConfig(model="udi_vit_test", dataset="digits", img_size=32, epochs=1, max_steps=1,
+                               batch_size=8, output=str(tmp_path), experiment="cls", workers=0))
+    saved = load_file(str(tmp_path / "cls" / "last" / "model.safetensors"))
+    args = _parse(["train", "--recipe", _recipe(tmp_path, model="udi_vit_test", neck="simple"),
+                   "--pretrained", str(tmp_path / "cls")])
+    model = build_detector(det.config_from_args(args), 3)
+    body = {k.split("vit.", 1)[1]: v for k, v in model.backbone.body.state_dict().items() if "vit." in k}
+    shared = [k for k in body if k in saved]
+    assert len(shared) > 10 and all(torch.equal(body[k], saved[k]) for k in shared)
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
@@ -351,48 +583,68 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["detect", "train", "--recipe", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "modle (did you mean model?)" in capsys.readouterr().err
     assert main(["detect", "train", "--recipe", _recipe(tmp_path, dataset="coco"), "--out", str(tmp_path / "r"),
-                 "--data", str(tmp_path / "missing")]) == 2
+                 "--data", str(tmp_path / "missing"), "--device", "cpu"]) == 2
     assert "COCO data not found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     assert main(["detect", "eval", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    resume_other = _recipe(tmp_path, lr=1.0)
     (tmp_path / "x").mkdir()
-    assert main(["detect", "train", "--recipe", resume_other, "--out", str(tmp_path / "x"),
-                 "--resume", str(tmp_path / "x")]) == 2
+    assert main(["detect", "train", "--recipe", _recipe(tmp_path, lr=1.0), "--resume", str(tmp_path / "x"),
+                 "--device", "cpu"]) == 2
+    assert "no train_state.pt" in capsys.readouterr().err
+    assert main(["detect", "train", "--device", "cpu"]) == 2
+    assert "needs --recipe" in capsys.readouterr().err
+
+
+def test_resume_with_another_recipe_is_refused(one_thread, tmp_path, capsys):
+    from visionzoo.cli import main
+
+    det.train(_run_cfg(tmp_path, "run"), max_iters=1)
+    other = _recipe(tmp_path, lr=1.0, epochs=2)
+    assert main(["detect", "train", "--recipe", other, "--resume", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "other lr (" in capsys.readouterr().err
+
+
+_DDP_RECIPE_ARGS = ["--device", "cpu", "--threads", "1"]
 
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
     """torchrun, 2 CPU processes (gloo): each rank takes half of every global batch; rank 0 scores and writes; a
-    mid-epoch checkpoint keeps every rank's RNG, so a resumed 2-process run ends with the uninterrupted run's
-    weights; resuming it with another process count is refused."""
+    2-process run stopped mid-epoch and resumed with 2 processes ends with the uninterrupted run's weights; resuming
+    it with another process count is refused."""
+    import csv
+    import os
     import subprocess
     import sys
+
+    from visionzoo.engine.state import load_train_state
 
     recipe = _recipe(tmp_path, batch_size=1)
 
     def torchrun(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
-               "-m", "visionzoo", "detect", "train", "--recipe", recipe, "--out", str(out), "--device", "cpu",
-               "--threads", "1", *extra]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+               "-m", "visionzoo", "detect", "train", "--recipe", recipe, "--out", str(out), *_DDP_RECIPE_ARGS, *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ,
+                                                                                     "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]
-        return torch.load(out / "last.pth", weights_only=False)
+        return load_train_state(out)
 
     state = torchrun(tmp_path / "ddp")
-    assert state["iteration"] == 2  # 4 images / (1 per process x 2 processes)
-    assert state["history"][-1]["num_images"] == 2  # both val images scored once, from the two shards
+    assert state["progress"]["global_step"] == 2 and state["world_size"] == 2  # 4 images / (1 x 2 processes)
+    rows = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
+    assert rows[-1]["num_images"] == "2"  # both val images scored once, from the two shards
     full = torchrun(tmp_path / "full", "--epochs", "2")
     part = torchrun(tmp_path / "part", "--epochs", "2", "--max-iters", "3")  # stops inside epoch 1
-    assert part["batch_in_epoch"] == 1 and len(part["rng_per_rank"]) == 2
+    assert part["progress"]["step_in_epoch"] == 1
     from visionzoo.cli import main
 
-    assert main(["detect", "train", "--recipe", recipe, "--out", str(tmp_path / "part"), "--epochs", "2",
-                 "--resume", str(tmp_path / "part"), "--device", "cpu"]) == 2  # one process: refused
+    assert main(["detect", "train", "--resume", str(tmp_path / "part"), "--device", "cpu"]) == 2  # one process
     resumed = torchrun(tmp_path / "part", "--epochs", "2", "--resume", str(tmp_path / "part"))
-    assert resumed["iteration"] == full["iteration"] == 4
+    assert resumed["progress"]["global_step"] == full["progress"]["global_step"] == 4
     for k in full["model"]:
         torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=0, msg=k)
+    assert _rows(tmp_path / "part") == _rows(tmp_path / "full")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,9 +656,9 @@ def test_short_cpu_run_beats_untrained(one_thread, tmp_path, recipe):
     """Both together: 6 min 39 s on the 2-core CPU (load about 1-2). Recorded runs: docs/dense/detection.md."""
     cfg = DetectionConfig.from_yaml(recipe)
     # shapes with data_dir set are generated there (same scenes as in a run folder); evaluate only at the end
-    cfg = dataclasses.replace(cfg, data_dir=str(tmp_path / "shapes"), eval_interval=100)
+    cfg = dataclasses.replace(cfg, data_dir=str(tmp_path / "shapes"), eval_every=100)
     before = det.evaluate_checkpoint(None, cfg=cfg)
-    after = det.train(cfg, tmp_path / "run")["last"]
+    after = det.train(cfg, tmp_path / "run", device="cpu")
     assert after["bbox_AP50"] > before["bbox_AP50"] + 0.2, (before, after)
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from visionzoo.tasks import classify as train_mod
 from visionzoo.engine.config import RecipeError, TrainConfig, load_config
 from visionzoo.engine.sampling import ResumableSampler
+from visionzoo.tasks import classify as train_mod
 from visionzoo.tasks.classify import NonFiniteLossError, train
+from visionzoo.testing.unsafe import RunsCodeWhenUnpickled
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,8 +135,6 @@ def test_input_size_the_model_cannot_take(tmp_path):
         train(cfg)
 
 
-
-
 def test_ddp_two_processes_identical_weights(tmp_path):
     dump = tmp_path / "dump_weights.py"
     dump.write_text(
@@ -248,8 +247,8 @@ def test_second_run_into_a_finished_or_live_folder_is_refused_untouched(tmp_path
 def test_sigint_saves_the_current_step_and_resume_loses_nothing(tmp_path):
     import signal
 
-    from visionzoo.engine.loop import RunInterrupted
     from visionzoo.engine.logging import read_metrics
+    from visionzoo.engine.loop import RunInterrupted
     from visionzoo.tasks import classify
 
     ref = train(tiny_cfg(tmp_path, experiment="ref", epochs=1, model_ema=False))
@@ -273,23 +272,15 @@ def test_sigint_saves_the_current_step_and_resume_loses_nothing(tmp_path):
         _non_timing(read_metrics(Path(ref["run_dir"]) / "metrics.csv"))
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_malicious_pickle_runs_nothing_anywhere(tmp_path, capsys):
     from visionzoo.cli import main
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": _Evil(marker)}, evil)
+    torch.save({"state_dict": RunsCodeWhenUnpickled(marker)}, evil)
     fake_run = tmp_path / "fake_run"
     fake_run.mkdir()
-    torch.save({"progress": {}, "x": _Evil(marker)}, fake_run / "train_state.pt")
+    torch.save({"progress": {}, "x": RunsCodeWhenUnpickled(marker)}, fake_run / "train_state.pt")
     commands = [
         ["train", "--resume", str(fake_run)],
         ["validate", "test_resnet", "--checkpoint", str(evil)],

@@ -18,7 +18,7 @@ from visionzoo.engine.sampling import SeededDataset
 from visionzoo.engine.state import RunFolderError, load_train_state
 from visionzoo.models.coc_pointmlp import farthest_point_sample
 from visionzoo.tasks import pointcloud as pctask
-
+from visionzoo.testing.unsafe import RunsCodeWhenUnpickled
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -332,26 +332,18 @@ def test_old_last_pth_still_evaluates_and_refuses_resume(tmp_path, capsys):
         assert "older visionzoo" in err and "--checkpoint" in err and "Traceback" not in err
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_malicious_pickle_runs_nothing(tmp_path, capsys):
     from visionzoo.cli import main
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"model": _Evil(marker)}, evil)
+    torch.save({"model": RunsCodeWhenUnpickled(marker)}, evil)
     fake_run = tmp_path / "fake_run"
     fake_run.mkdir()
-    torch.save({"progress": {}, "x": _Evil(marker)}, fake_run / "train_state.pt")
+    torch.save({"progress": {}, "x": RunsCodeWhenUnpickled(marker)}, fake_run / "train_state.pt")
     old_run = tmp_path / "old_run"
     old_run.mkdir()
-    torch.save({"model": _Evil(marker), "history": []}, old_run / "last.pth")
+    torch.save({"model": RunsCodeWhenUnpickled(marker), "history": []}, old_run / "last.pth")
     base = ["pointcloud", "--data", "shapes", "--small", "--device", "cpu", "--out", str(tmp_path / "o")]
     for flags in (["--resume", str(evil)], ["--resume", str(fake_run)], ["--checkpoint", str(evil)],
                   ["--checkpoint", str(old_run)]):
@@ -367,7 +359,9 @@ def test_a_malicious_pickle_runs_nothing(tmp_path, capsys):
 
 def _parse(argv):
     p = argparse.ArgumentParser()
-    pc.add_arguments(p)
+    from visionzoo.cli import tools
+
+    tools.pointcloud(p)
     return p.parse_args(argv)
 
 

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
+from visionzoo.cli import tools
 from visionzoo.engine import semisup
 
 
 def _parse(argv):
     p = argparse.ArgumentParser()
-    semisup.add_arguments(p)
+    tools.semisup(p)
     return p.parse_args(argv)
 
 

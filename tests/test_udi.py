@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from visionzoo.cli import main
+from visionzoo.testing.unsafe import RunsCodeWhenUnpickled
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,7 +130,8 @@ def test_pretrain_exact_resume_mid_epoch(tmp_path):
 
 
 def test_nan_loss_stops_with_a_finite_last_checkpoint(tmp_path, monkeypatch):
-    from visionzoo.ssl.pretrain import add_arguments, build_config
+    from visionzoo.cli.tools import pretrain as add_arguments
+    from visionzoo.ssl.pretrain import build_config
     from visionzoo.tasks import udi as T
 
     real = T.UDITask.train_step
@@ -156,21 +158,13 @@ def test_nan_loss_stops_with_a_finite_last_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_malicious_pickles_run_nothing(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": _Evil(marker)}, evil)
+    torch.save({"state_dict": RunsCodeWhenUnpickled(marker)}, evil)
     fake_run = tmp_path / "fake_run"
     fake_run.mkdir()
-    torch.save({"progress": {}, "x": _Evil(marker)}, fake_run / "train_state.pt")
+    torch.save({"progress": {}, "x": RunsCodeWhenUnpickled(marker)}, fake_run / "train_state.pt")
     for cmd in (["pretrain", "--resume", str(fake_run)] + TINY,
                 ["pretrain", "--resume", str(fake_run / "train_state.pt")] + TINY,
                 ["visualize", "attention", "--model", "udi_vit_test", "--checkpoint", str(evil)],

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from visionzoo.cli import tools
 from visionzoo.dense import video
 
 
 def _parse(argv):
     p = argparse.ArgumentParser()
-    video.add_arguments(p)
+    tools.videoseg(p)
     return p.parse_args(argv)
 
 

@@ -21,6 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 PRECISIONS = ("float32", "amp", "amp_bfloat16", "float16", "bfloat16")
 BENCH_MODES = ("both", "infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -52,8 +56,6 @@ def _cpu_model() -> str:
 
 def _sync(device) -> None:
     """Wait for queued device work so ``perf_counter`` sees it (a no-op on CPU)."""
-    import torch
-
     if device.type != "cpu":
         backend = getattr(torch, device.type, None)
         if backend is not None and hasattr(backend, "synchronize"):
@@ -63,14 +65,10 @@ def _sync(device) -> None:
 def _is_oom(err: BaseException) -> bool:
     """Out-of-memory errors get a smaller batch. Unlike timm (which retries any RuntimeError but a few), other
     errors are raised at once: retrying a shape bug down to batch 1 only hides it."""
-    import torch
-
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def _flat_tensors(out) -> list:
-    import torch
-
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
@@ -87,8 +85,6 @@ def train_loss(output, target, num_classes: int | None):
     a stacked ``[K, B, C]`` tensor. Tensors of other shapes (features, aux maps) are ignored. A model without
     classifier (``num_classes`` 0) gets the mean of its outputs, so backward still runs through it.
     """
-    import torch.nn.functional as F
-
     tensors = [t for t in _flat_tensors(output) if t.is_floating_point()]
     batch = target.shape[0]
     loss = None
@@ -108,7 +104,6 @@ def train_loss(output, target, num_classes: int | None):
 
 def count_gmacs(model, input_size, device=None, dtype=None) -> float:
     """GMACs of one eval forward at batch 1 (``FlopCounterMode`` FLOPs / 2 / 1e9), as papers and timm report."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     param = next(iter(model.parameters()), None)
@@ -184,8 +179,6 @@ def _time_loop(step, device, num_warm_iter: int, num_bench_iter: int, batch_size
 
 
 def _bench_infer(model, x, autocast, device, num_warm_iter, num_bench_iter):
-    import torch
-
     model.eval()
 
     def step():
@@ -197,7 +190,6 @@ def _bench_infer(model, x, autocast, device, num_warm_iter, num_bench_iter):
 
 
 def _bench_train(model, x, autocast, device, num_warm_iter, num_bench_iter, num_classes):
-    import torch
     from timm.optim import create_optimizer_v2
 
     model.train()
@@ -220,7 +212,6 @@ def _run_with_retry(fn, batch_size: int, retry_oom: bool, what: str, device):
     import gc
     import logging
 
-    import torch
     from timm.utils import decay_batch_step
 
     while True:
@@ -268,8 +259,6 @@ def benchmark_model(
     from functools import partial
 
     import timm
-    import torch
-    from torch import nn
 
     import visionzoo
 
@@ -352,37 +341,6 @@ def _parse_kwargs(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of `visionzoo benchmark` (named like timm's benchmark.py)."""
-    parser.add_argument("--model", "-m", nargs="+", default=[], metavar="NAME",
-                        help="model names or fnmatch wildcards (our registered models; timm's when ours match none)")
-    parser.add_argument("--model-list", default=None, metavar="FILE",
-                        help="text file with one model name or wildcard per line ('#' starts a comment)")
-    parser.add_argument("--baseline", nargs="+", default=[], metavar="NAME",
-                        help="plain timm models (or wildcards) benchmarked in the same run, for comparison")
-    parser.add_argument("--batch-size", "-b", type=int, default=None, metavar="N",
-                        help="batch size (default: 256 on GPU like timm, 8 on CPU); reduced on out-of-memory")
-    parser.add_argument("--img-size", type=int, default=None, metavar="S",
-                        help="input resolution (default: the model's test input size)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="numeric precision")
-    parser.add_argument("--amp", action="store_true", help="same as --precision amp (fp16 autocast)")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    parser.add_argument("--torchcompile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                        metavar="MODE", help=f"torch.compile the model (inductor), mode: {', '.join(COMPILE_MODES)}")
-    parser.add_argument("--bench", choices=BENCH_MODES, default="both", help="what to time")
-    parser.add_argument("--num-warm-iter", type=int, default=10, metavar="N", help="untimed warm-up steps")
-    parser.add_argument("--num-bench-iter", type=int, default=40, metavar="N", help="timed steps")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size (default: the model's)")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra model constructor arguments, e.g. drop_path_rate=0.1")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-retry", action="store_true", help="do not retry smaller batches on out-of-memory")
-    parser.add_argument("--results-file", default=None, metavar="CSV",
-                        help="append one row per model to this CSV (header written once)")
-    return parser
-
-
 def resolve_model_names(patterns: list[str], baseline: bool = False) -> list[str]:
     """Expand wildcards and check every name before any work; unknown names raise the registry's clear error."""
     import timm
@@ -459,7 +417,6 @@ def run(args: argparse.Namespace) -> int:
     jobs += [(n, True) for n in resolve_model_names(args.baseline, baseline=True)]
     model_kwargs = _parse_kwargs(args.model_kwargs)
 
-    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -492,18 +449,3 @@ def run(args: argparse.Namespace) -> int:
     if args.results_file:
         print(f"results appended to {args.results_file}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m visionzoo.bench", description="Benchmark throughput, params and GMACs (timm method)."))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

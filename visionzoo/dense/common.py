@@ -1,11 +1,13 @@
-"""Training pieces shared by the detection and segmentation tools: mmcv-style parameter groups and learning rates.
+"""mmcv-style parameter groups, shared by the detection and segmentation tasks.
 
-The official dense recipes were written for mmcv's ``paramwise_cfg`` and ``LrUpdaterHook``; these two functions
-reproduce their semantics (documented in gpvit.md section 5 and coc.md section 6) without mmcv, per iteration.
+The official dense recipes were written for mmcv's ``paramwise_cfg``; ``param_groups`` reproduces its semantics
+(gpvit.md section 5, coc.md section 6) without mmcv. mmcv's ``LrUpdaterHook`` is ``engine.schedule.mmcv_factor``.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
+
+import torch
 
 
 def param_groups(model, weight_decay: float, no_decay_keys: Iterable[str] = (),
@@ -27,51 +29,15 @@ def param_groups(model, weight_decay: float, no_decay_keys: Iterable[str] = (),
     return [dict(params=ps, weight_decay=wd, lr_scale=scale) for (wd, scale), ps in groups.items()]
 
 
-def iter_lr_factor(it: int, total_iters: int, policy: str = "step", warmup_iters: int = 0,
-                   warmup_ratio: float = 0.001, steps: Sequence[int] = (), gamma: float = 0.1, power: float = 1.0,
-                   min_ratio: float = 0.0) -> float:
-    """The lr at iteration ``it`` (0-based) as a fraction of the base lr, as mmcv computes it: the regular schedule
-    (``step``: gamma per passed step, steps in iterations; ``poly``: (1 - it/total)^power down to ``min_ratio``;
-    ``constant``) times a linear warm-up that rises from ``warmup_ratio`` over ``warmup_iters``."""
-    if policy == "step":
-        factor = gamma ** sum(it >= s for s in steps)
-    elif policy == "poly":
-        factor = (1.0 - min(it, total_iters) / max(total_iters, 1)) ** power * (1.0 - min_ratio) + min_ratio
-    elif policy == "constant":
-        factor = 1.0
-    else:
-        raise ValueError(f"unknown lr policy {policy!r}: use step, poly or constant")
-    if it < warmup_iters:
-        factor *= 1.0 - (1.0 - it / warmup_iters) * (1.0 - warmup_ratio)
-    return factor
-
-
-def set_lr(optimizer, base_lr: float, factor: float) -> None:
-    """Set every group's lr to ``base_lr * factor * lr_scale``."""
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * factor * group.get("lr_scale", 1.0)
-
-
-def rng_state() -> dict:
-    import random
-
-    import numpy as np
-    import torch
-
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def mmcv_optimizer(model, lr: float, opt: str, weight_decay: float, no_decay_keys: Iterable[str] = (),
+                   lr_mults: dict | None = None, betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.9):
+    """AdamW or SGD over :func:`param_groups`; each group starts at ``lr * lr_scale`` (the engine's schedule keeps
+    applying ``lr_scale``)."""
+    groups = param_groups(model, weight_decay, tuple(no_decay_keys), dict(lr_mults or {}))
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    if opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if opt == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"opt must be 'adamw' or 'sgd', got {opt!r}")

@@ -21,11 +21,9 @@ averaged over all objects.
 textured shapes moving (and occluding each other) over a slowly panning textured background, deterministic from a
 seed, so the whole path runs on CPU in tests. ``--style texture`` (``--data-style texture``) makes objects and
 background share one colour distribution so only their textures separate them (raw pixels no longer solve it).
-torch is imported lazily so ``visionzoo --help`` stays fast.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -35,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+import torch
+import torch.nn.functional as F
 
 RESOLUTION = "480p"
 
@@ -186,7 +186,6 @@ LIGHTING = dict(brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.8, 1.2
 def _relight(frames: np.ndarray, seed: int) -> np.ndarray:
     """Each frame of ``[T, H, W, 3]`` uint8 with its own random brightness, contrast, saturation and hue
     (torchvision's colour functions), as auto-exposure and white-balance flicker would do."""
-    import torch
     from torchvision.transforms.v2 import functional as TF
 
     rng = np.random.default_rng(seed)
@@ -371,8 +370,6 @@ def patch_size(model) -> int:
 
 def patch_features(model, x):
     """L2-normalised last-block final-normed patch tokens ``[B, h*w, C]`` (all prefix tokens dropped)."""
-    import torch.nn.functional as F
-
     tokens = model.forward_features(x)
     return F.normalize(tokens[:, int(model.num_prefix_tokens):].float(), dim=-1)
 
@@ -383,8 +380,6 @@ def patch_features(model, x):
 def neighbourhood_mask(h: int, w: int, radius: int, device=None):
     """Bool ``[h*w, h*w]``: patch pairs at most ``radius`` apart in both row and column (DINO's
     ``restrict_neighborhood``, vectorised); ``radius <= 0`` means no restriction."""
-    import torch
-
     rows = torch.arange(h, device=device).repeat_interleave(w)
     cols = torch.arange(w, device=device).repeat(h)
     if radius <= 0:
@@ -402,8 +397,6 @@ def propagate(feat_tar, feats_ctx, segs_ctx, mask=None, topk: int = 5, temperatu
     Target patches are processed in chunks (a loop over chunks of ``chunk`` patches bounds the memory of the
     M x N x chunk affinity at high resolution; it is one chunk at DAVIS 480p with patch 16).
     """
-    import torch
-
     M, N, _ = feats_ctx.shape
     K = segs_ctx.shape[1]
     src = feats_ctx.reshape(M * N, -1)
@@ -430,9 +423,6 @@ def _norm_mask(seg):
 
 
 def _load_frame(path, size: tuple[int, int], mean, std):
-    import torch
-    import torch.nn.functional as F
-
     with Image.open(path) as img:
         arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)[None]
@@ -450,9 +440,6 @@ def segment_sequence(model, frames: list, first_ann, out_dir=None, *, short_side
     ``[T, H, W]`` at the original size and, with ``out_dir``, writes them as palette PNGs (the first
     annotation's palette). Features do not depend on the predictions, so they are computed first, in batches of
     ``batch_size`` frames; only the propagation walks through time."""
-    import torch
-    import torch.nn.functional as F
-
     labels0, palette = read_indexed_png(first_ann)
     H, W = labels0.shape
     p = patch_size(model)
@@ -502,8 +489,6 @@ def segment_sequence(model, frames: list, first_ann, out_dir=None, *, short_side
 
 def region_j(pred, gt, void=None):
     """Region similarity J (IoU) per frame of bool ``[T, H, W]`` masks; 1 where both are empty."""
-    import torch
-
     pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
     valid = torch.ones_like(gt) if void is None else ~torch.as_tensor(void).bool()
     inter = ((pred & gt) & valid).sum((-2, -1)).double()
@@ -514,8 +499,6 @@ def region_j(pred, gt, void=None):
 def seg_to_boundary(seg):
     """Boundary pixels of bool masks ``[T, H, W]``: a pixel differing from its east, south or south-east neighbour
     (the last row / column compare along it only; the corner is never a boundary), as davis2017's ``_seg2bmap``."""
-    import torch
-
     seg = torch.as_tensor(seg).bool()
     e, s, se = torch.zeros_like(seg), torch.zeros_like(seg), torch.zeros_like(seg)
     e[..., :, :-1] = seg[..., :, 1:]
@@ -534,9 +517,6 @@ def _dilate(b, radius: int):
     The disk is split into its 2r+1 rows: each row is a horizontal max-pool of half-width isqrt(r^2 - dy^2), shifted
     by dy; O(r) cheap passes instead of an O(r^2) convolution (r = 8 at DAVIS 480p).
     """
-    import torch
-    import torch.nn.functional as F
-
     if radius <= 0:
         return b
     x = b.float().unsqueeze(1)
@@ -557,8 +537,6 @@ def boundary_f(pred, gt, void=None, bound_th: float = 0.008):
     """Boundary F-measure per frame of bool ``[T, H, W]`` masks (davis2017 ``f_measure``): tolerance
     ``ceil(bound_th * diagonal)`` pixels (or ``bound_th`` pixels when >= 1), matching by disk dilation;
     both boundaries empty -> 1, exactly one empty -> 0."""
-    import torch
-
     pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
     H, W = gt.shape[-2:]
     radius = int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(H, W)))
@@ -650,58 +628,6 @@ def score_folder(root, results_dir, sequences: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = sub.add_parser("eval", help="propagate the first-frame masks with a ViT's features, write PNGs, score J&F")
-    p.add_argument("--model", "-m", default=None, help="ViT name (may be omitted for a save_pretrained folder)")
-    p.add_argument("--checkpoint", default=None,
-                   help="weights (file, save_pretrained folder, `visionzoo train` or `visionzoo pretrain` run "
-                        "folder); default: random")
-    _data_args(p)
-    p.add_argument("--short-side", type=int, default=None,
-                   help="resize frames to this short side (0: keep the native size; default: 480 as DINO, or 0 "
-                        "with --data shapes)")
-    p.add_argument("--size-multiple", type=int, default=64, help="floor the long side to a multiple (default: 64)")
-    p.add_argument("--n-last-frames", type=int, default=7, help="previous frames in the context (default: 7)")
-    p.add_argument("--size-mask-neighborhood", type=int, default=12,
-                   help="neighbourhood radius in patches (default: 12; 0: none)")
-    p.add_argument("--topk", type=int, default=5, help="neighbours kept per patch (default: 5)")
-    p.add_argument("--temperature", type=float, default=0.1, help="affinity temperature (default: 0.1)")
-    p.add_argument("--batch-size", "-b", type=int, default=8, help="frames per feature batch (default: 8)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed of a random-init model")
-    p.add_argument("--out", required=True, help="folder for <seq>/<frame>.png predictions and videoseg.{json,csv}")
-    p = sub.add_parser("score", help="J&F of existing palette PNGs (RESULTS/<seq>/<frame>.png) against DAVIS")
-    _data_args(p)
-    p.add_argument("--results", required=True, help="folder with <seq>/<frame>.png predictions")
-    p.add_argument("--out", default=None, help="write videoseg.{json,csv} here (default: --results)")
-    p = sub.add_parser("make-data", help="write the embedded procedural videos in DAVIS-2017 layout")
-    p.add_argument("root")
-    p.add_argument("--sequences-count", type=int, default=4)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="val")
-    p.add_argument("--style", default="shapes", choices=STYLES,
-                   help="shapes: objects with their own colours (default); texture: same colours as the background, "
-                        "only the texture (orientation / frequency) differs; lighting: shapes with a random "
-                        "brightness, contrast, saturation and hue per frame")
-    p.add_argument("--image-folder", default=None, metavar="DIR",
-                   help="also copy every frame to DIR/train/frames/ (every 12th to DIR/val/frames/ instead): an "
-                        "image folder for `visionzoo pretrain --dataset folder`")
-
-
-def _data_args(p) -> None:
-    p.add_argument("--data", required=True,
-                   help="DAVIS-2017 root (JPEGImages/480p, Annotations/480p, ImageSets/2017), or 'shapes' for the "
-                        "embedded procedural videos (written under OUT/data)")
-    p.add_argument("--split", default="val", help="ImageSets/2017/<split>.txt (default: val)")
-    p.add_argument("--sequences", nargs="*", default=None, help="only these sequences")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the 'shapes' videos")
-    p.add_argument("--data-style", default="shapes", choices=STYLES, help="style of the 'shapes' videos")
-
 
 def _resolve_data(args, out: str) -> str:
     if args.data != "shapes":

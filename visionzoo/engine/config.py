@@ -4,15 +4,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_logger = logging.getLogger("visionzoo")
 
 
 @dataclass
@@ -52,6 +54,12 @@ class RunConfig:
     checkpoint_every_steps: int | None = None  # also save the training state every N steps
     notes: str = ""
 
+    # a task config's older recipe keys: RENAMED_KEYS {old: new} (read with a one-line note), IGNORED_KEYS
+    # {old: why} (dropped with a note); KIND names the recipes in messages
+    RENAMED_KEYS: ClassVar[dict] = {}
+    IGNORED_KEYS: ClassVar[dict] = {}
+    KIND: ClassVar[str] = "config"
+
     def global_batch(self, world_size: int | None = None) -> int:
         return self.batch_size * self.grad_accum_steps * (world_size or 1)
 
@@ -78,6 +86,44 @@ class RunConfig:
                 raise RecipeError(f"{name} must be >= 1 (or unset), got {v}.")
         if self.workers < 0:
             raise RecipeError(f"workers must be >= 0, got {self.workers}.")
+        task = {f.name: f.default for f in dataclasses.fields(self)}.get("task")
+        if task is not None and self.task != task:
+            raise RecipeError(f"this is a {self.task!r} recipe (task: {self.task}); this command takes "
+                              f"{self.KIND} recipes (task: {task}).")
+
+    @classmethod
+    def upgrade_keys(cls, data: dict, source: str = "recipe") -> dict:
+        """``data`` with the older key names read as the new ones (one logged note each) and ignored keys dropped;
+        an older 0 for a setting that is now optional (``None``) meant "never" and becomes ``None``."""
+        data = dict(data)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for old, new in cls.RENAMED_KEYS.items():
+            if old in data:
+                value = data.pop(old)
+                if value == 0 and defaults.get(new) is None:
+                    value = None
+                if new in data and data[new] != value:
+                    raise RecipeError(f"{source}: both {old} (the older name) and {new} are set; keep {new}.")
+                data[new] = value
+                _logger.info("%s: key '%s' is now spelled '%s'", source, old, new)
+        for old, why in cls.IGNORED_KEYS.items():
+            if old in data:
+                data.pop(old)
+                _logger.info("%s: key '%s' is ignored (%s)", source, old, why)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "recipe"):
+        """The checked config of a recipe mapping (older keys upgraded; an unknown key names its closest match)."""
+        data = cls.upgrade_keys(data, source)
+        check_config_keys(data, cls, cls.KIND, source)
+        cfg = cls(**data)
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, recipe: str):
+        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
 
 
 @dataclass
@@ -230,30 +276,6 @@ def read_recipe(recipe: str) -> dict:
     return data
 
 
-class TaskConfig:
-    """Base of the task recipe dataclasses (detection, segmentation): ``from_yaml`` / ``from_dict`` refuse unknown
-    keys with a hint, then ``check()`` validates the values."""
-
-    task = "config"  # names the task in error messages
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "recipe"):
-        check_config_keys(data, cls, cls.task, source)
-        cfg = cls(**data)
-        cfg.check()
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, recipe: str):
-        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
-
-    def check(self) -> None:
-        pass
-
-    def global_batch(self, world_size: int | None = None) -> int:
-        return self.batch_size * (world_size or 1)
-
-
 def config_from_dict(data: dict, cls=TrainConfig):
     check_config_keys(data, cls)
     return cls(**data)
@@ -300,11 +322,14 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--field-name`` flag per config field (timm's train.py names where they mean the same)."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
+    """One ``--field-name`` flag per config field (timm's train.py names where they mean the same), but those in
+    ``skip`` (fields a command defines with its own meaning)."""
     hints = typing.get_type_hints(cls)
     short = {"batch_size": ["-b"], "experiment": ["--exp"], "workers": ["-j"]}
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])
         kw: dict = {"dest": f"cfg_{f.name}", "default": None}

@@ -12,35 +12,15 @@ rand-m9-mstd0.5-inc1, color jitter 0.4, random erasing 0.25, classifier init sca
 folder written by ``save_pretrained`` (``best/``, ``last/`` of a training run), or a ``visionzoo pretrain`` run
 folder (its ``teacher_backbone.safetensors``). A checkpoint without a classifier keeps the new one.
 
-torch is imported only inside ``run``, so ``visionzoo --help`` stays fast.
 """
 from __future__ import annotations
 
-import argparse
 
 FINETUNE_DEFAULTS = dict(
     opt="adamw", lr=1e-3, layer_decay=0.55, weight_decay=0.05, opt_eps=1e-8, min_lr=1e-6, warmup_lr=1e-6,
     drop_path=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=0.1, aa="rand-m9-mstd0.5-inc1",
     color_jitter=0.4, reprob=0.25, train_interpolation="bicubic", head_init_scale=0.001,
 )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_flags
-    from .config import TrainConfig
-
-    parser.description = ("Fine-tune pretrained weights. Values come from the fine-tuning defaults (or --recipe), "
-                          "then the flags, then --set key=value.")
-    parser.add_argument("data", nargs="?", default=None, help="dataset root with train/ and val/ (folders or LMDB)")
-    parser.add_argument("--checkpoint", required=True, metavar="W",
-                        help="pretrained weights: file, save_pretrained folder, `visionzoo train` or "
-                             "`visionzoo pretrain` run folder")
-    parser.add_argument("--recipe", "-r", default=None,
-                        help="fine-tuning recipe (e.g. udi/finetune_vit_small); default: the built-in defaults")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
-    parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. layer_decay=0.65")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    add_config_flags(parser, TrainConfig)
 
 
 def build_config(args):

@@ -7,47 +7,14 @@ center crop, its mean/std). Works for ViTs (``--token cls``, ``cls+``, ``both``)
 (``--token pooled``: the model's pooled pre-logits feature); ``auto`` picks ``cls`` for class-token ViTs.
 
 This module also holds the options and the model/data setup shared with ``visionzoo linear``.
-torch is imported only inside functions, so ``visionzoo --help`` stays fast.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 
-TOKENS = ("auto", "cls", "cls+", "both", "pooled")  # same as engine.features.TOKENS (kept torch-free here)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default=None, metavar="NAME",
-                        help="timm/visionzoo model name (not needed when --checkpoint is a saved model or train run)")
-    parser.add_argument("--checkpoint", default=None, metavar="W",
-                        help="weights: a .safetensors/.pth file (ours or official, e.g. a UDI checkpoint: the "
-                             "teacher is used), a folder written by save_pretrained, a `visionzoo train` run folder "
-                             "(its best/ model), or a `visionzoo pretrain` run folder (its "
-                             "teacher_backbone.safetensors); default: random init")
-    parser.add_argument("--data", required=True, metavar="ROOT",
-                        help="'digits' (embedded), or a root holding train/ and val/ (ImageFolder or LMDB)")
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--val-split", default="val")
-    parser.add_argument("--token", choices=TOKENS, default="auto",
-                        help="feature: [CLS], [CLS+], both, or the pooled pre-logits feature (default: auto)")
-    parser.add_argument("--img-size", type=int, default=None, help="eval input size (default: the model's)")
-    parser.add_argument("--batch-size", "-b", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--out", default=None, metavar="DIR", help="write results (CSV + JSON) into DIR")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a random-init model (and of the probe)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    add_common_arguments(parser)
-    parser.add_argument("--nb-knn", "-k", type=int, nargs="+", default=[10, 20, 100, 200], metavar="K",
-                        help="numbers of neighbours (default: 10 20 100 200)")
-    parser.add_argument("--temperature", "-T", type=float, default=0.07, help="vote temperature (default: 0.07)")
-
+import torch
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup shared with `visionzoo linear`
@@ -66,8 +33,6 @@ def check_data(args) -> None:
 
 
 def resolve_device(name: str):
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -78,8 +43,6 @@ def load_model(model_name: str | None, checkpoint: str | None, num_classes: int 
     ``model_kwargs`` go to the constructor (e.g. ``dynamic_img_size=True`` for dense features). A saved model (or
     a train run) is rebuilt with the arguments in its config.json (e.g. ``global_pool``) unless ``model_name``
     names another architecture."""
-    import torch
-
     import visionzoo
     from ..models import load_pretrained
 
@@ -113,8 +76,6 @@ def eval_datasets(args, model, splits=None, transform=None):
 
 
 def loader(dataset, args, shuffle: bool = False, drop_last: bool = False, seed: int = 0):
-    import torch
-
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=drop_last,
                                        num_workers=args.workers, persistent_workers=False,
                                        generator=torch.Generator().manual_seed(seed) if shuffle else None)

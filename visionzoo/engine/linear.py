@@ -20,36 +20,10 @@ summary.json and the head in last/ and best/, exact resume, DDP. ``--out DIR`` n
 """
 from __future__ import annotations
 
-import argparse
 
-from .knn import add_common_arguments
+
 
 AUGMENTS = ("simple", "strong", "none")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    add_common_arguments(parser)
-    parser.add_argument("--n-last-blocks", type=int, default=None, metavar="N",
-                        help="concatenate the class token of the last N blocks (default: 4 for class-token ViTs, "
-                             "else 1)")
-    parser.add_argument("--avgpool-patchtokens", action="store_true",
-                        help="also append the mean of the last block's patch tokens (ViTs)")
-    parser.add_argument("--batchnorm", action="store_true",
-                        help="BatchNorm without affine before the linear layer (MAE's probe): standardises "
-                             "features, which badly scaled ones (e.g. of a random-init CNN) need")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.001, help="base lr for batch 256 (default: 0.001; UDI's "
-                                                                 "README uses 0.02)")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--augment", choices=AUGMENTS, default="simple",
-                        help="training images: simple (DINO), strong (UDI) or none (cached features)")
-    parser.add_argument("--hflip", type=float, default=0.5, help="flip probability with --augment (0 for digits)")
-    parser.add_argument("--eval-every", type=int, default=1, metavar="N", help="validate every N epochs")
-    parser.add_argument("--output", default="runs", help="parent folder of the run folder (default: runs)")
-    parser.add_argument("--experiment", "--exp", default=None, help="the run folder's name (default: <model>-<time>)")
-    parser.add_argument("--resume", default=None, metavar="RUN", help="continue a probe run folder exactly")
 
 
 def config_from_args(args):

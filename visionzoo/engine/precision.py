@@ -21,6 +21,14 @@ def amp_dtype(name: str) -> torch.dtype:
         raise ValueError(f"amp_dtype {name!r} is not one of bfloat16, float16") from None
 
 
+def eval_dtype(amp: bool, dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an evaluation (None: fp32), as Precision decides for training: fp16 only on CUDA."""
+    if not amp:
+        return None
+    d = amp_dtype(dtype)
+    return None if d == torch.float16 and device.type != "cuda" else d
+
+
 def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
     """``torch.autocast`` for ``device``; a null context when disabled."""
     if not enabled:

@@ -22,39 +22,18 @@ SimCLRv2's ``1percent.txt`` / ``10percent.txt``: ``n01440764_10026.JPEG``), matc
 split (ImageFolder file names, LMDB record names, or for the embedded digits the ``<index>.png`` names of
 ``write_digits_folder``).
 
-torch is imported only inside functions, so ``visionzoo --help`` stays fast.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
-from .knn import add_common_arguments, check_data, eval_datasets, load_model, loader, resolve_device, write_results
+import torch
+import torch.nn.functional as F
+
+from .knn import check_data, eval_datasets, load_model, loader, resolve_device, write_results
 
 SAMPLINGS = ("balanced", "random")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    add_common_arguments(parser)
-    parser.add_argument("--percent", type=float, default=1.0,
-                        help="percentage of the train split that keeps its labels (default: 1; UDI uses 1 and 10)")
-    parser.add_argument("--sampling", choices=SAMPLINGS, default="balanced",
-                        help="subset: per-class balanced (SimCLRv2 style, default) or uniformly random")
-    parser.add_argument("--subset-file", default=None, metavar="TXT",
-                        help="file names of the labelled subset, one per line (SimCLRv2 1percent.txt/10percent.txt); "
-                             "overrides --percent")
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="L",
-                        help="L2 strengths, each divided by the number of training samples (default: 0.01 0.1 1)")
-    parser.add_argument("--n-last-blocks", type=int, default=1, metavar="N",
-                        help="concatenate the class token of the last N blocks (default: 1, as UDI)")
-    parser.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per lambda (default: 500)")
-    parser.add_argument("--tol", type=float, default=1e-6,
-                        help="stop when the gradient's largest entry is below this (default: 1e-6)")
-    parser.add_argument("--fit-dtype", choices=("float64", "float32"), default="float64",
-                        help="precision of the fit (default: float64; float32 stalls early on badly conditioned "
-                             "features; use it on GPUs with slow float64)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,8 +44,6 @@ def subset_indices(labels, percent: float, sampling: str = "balanced", seed: int
 
     Vectorised: one random key per sample, a stable sort by class, and the rank inside the class decides.
     """
-    import torch
-
     labels = torch.as_tensor(labels, dtype=torch.long)
     n = labels.numel()
     if not 0 < percent <= 100:
@@ -101,8 +78,6 @@ def sample_names(dataset) -> list[str]:
 
 def subset_from_file(path: str, dataset):
     """Sorted indices of the samples whose base names are listed in ``path``; every listed name must exist."""
-    import torch
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"subset file not found: {path} (one file name per line, e.g. SimCLRv2's "
                                 f"1percent.txt)")
@@ -123,8 +98,6 @@ def subset_from_file(path: str, dataset):
 
 def logreg_objective(weight, feats, labels, lam: float):
     """cyanure's multiclass-logistic + L2 objective: mean CE(x W^T, y) + lam / 2 ||W||^2 (no intercept)."""
-    import torch.nn.functional as F
-
     return F.cross_entropy(feats @ weight.T, labels) + 0.5 * lam * weight.square().sum()
 
 
@@ -132,8 +105,6 @@ def fit_logreg(feats, labels, lam: float, num_classes: int | None = None, max_it
                dtype=None):
     """Weights (num_classes, D) minimising :func:`logreg_objective` (``lam`` already divided by n), by full-batch
     L-BFGS from zero; returns ``(weight, info)`` with the final objective, gradient max-norm and iterations."""
-    import torch
-
     feats = feats.to(dtype or torch.float64)
     labels = labels.to(feats.device).long()
     if lam <= 0:
@@ -167,8 +138,6 @@ def evaluate_lambdas(train_feats, train_labels, val_feats, val_labels, lambdas, 
                      max_iter: int = 500, tol: float = 1e-6, dtype=None) -> list[dict]:
     """One row per lambda: {"lambda", "lambda_eff" (= lambda / n), "C" (sklearn), "top1", "top5", solver info}.
     Features are L2-normalised here (the protocol's input)."""
-    import torch.nn.functional as F
-
     train_feats, val_feats = F.normalize(train_feats.float(), dim=1), F.normalize(val_feats.float(), dim=1)
     val_feats, val_labels = val_feats.to(train_feats.device), val_labels.to(train_feats.device).long()
     n = train_feats.shape[0]
@@ -187,8 +156,6 @@ def evaluate_lambdas(train_feats, train_labels, val_feats, val_labels, lambdas, 
 # ----------------------------------------------------------------------------------------------------------------
 
 def semisup_eval(model, args, device) -> dict:
-    import torch
-
     from .features import extract, resolve_token
 
     token = resolve_token(model, args.token)

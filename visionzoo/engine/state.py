@@ -109,6 +109,42 @@ class RunFolder:
         return load_train_state(self.path)
 
 
+def resume_folder(path: str | os.PathLike, old_files: str, old_hint: str, cfg=None, recipe_keys: tuple = ()) -> Path:
+    """The run folder that ``--resume path`` continues: ``path``, or the folder of its train_state.pt. One clear
+    error for what cannot be resumed: a weights file, a run of an older visionzoo (files matching the glob
+    ``old_files``; ``old_hint`` says what to do), a run whose saved recipe differs from ``cfg`` in ``recipe_keys``
+    (a changed model, schedule or lr is refused rather than ignored), a run that finished all its steps. Torch files
+    are read weights-only, so nothing in them can run."""
+    path = Path(path)
+    if path.is_file():
+        if path.name != "train_state.pt":
+            obj = safe_torch_load(path, "training state")
+            if isinstance(obj, dict) and "model" in obj and path.match(old_files):
+                raise ValueError(f"--resume {path} was written by an older visionzoo whose training state cannot be "
+                                 f"resumed by this one; {old_hint}")
+            raise ValueError(f"--resume {path}: pass a run folder (it holds train_state.pt), not a weights file.")
+        path = path.parent
+    old = sorted(path.glob(old_files)) if path.is_dir() and not (path / STATE_FILE).is_file() else []
+    if old:
+        safe_torch_load(old[-1], "training state")  # a refused pickle says so first
+        raise ValueError(f"--resume {path} was written by an older visionzoo whose training state cannot be resumed "
+                         f"by this one; {old_hint}")
+    if cfg is not None and (path / "config.yaml").is_file():
+        import yaml
+
+        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        changed = [k for k in recipe_keys if k in saved and saved[k] != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"--resume {path}: the run was trained with other {', '.join(changed)} "
+                             f"({ {k: saved[k] for k in changed} }); resume with the same recipe, or without --recipe "
+                             f"(only max_steps, checkpoint_every_steps, workers and log_interval may change).")
+        total = (saved.get("resolved") or {}).get("total_steps")
+        summary = path / "summary.json"
+        if total and summary.is_file() and json.loads(summary.read_text()).get("global_step", 0) >= total:
+            raise ValueError(f"--resume {path}: nothing to do, the run already finished all {total} steps.")
+    return path
+
+
 def load_train_state(path: str | os.PathLike) -> dict:
     """The training state of a run folder (or a ``train_state.pt`` path), read with ``weights_only=True``."""
     path = Path(path)

@@ -45,10 +45,13 @@ model name, with ``-<position>`` appended when the same name is given twice.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 CSV_COLUMNS = ["model", "checkpoint", "dataset", "num_classes", "num_train", "num_val", "feature_dim",
                "classifier", "best_C", "top1", "r2", "intra_class_var", "variability_deg"]
@@ -56,39 +59,6 @@ DEFAULT_C_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]
 ANGLE_STATS = ("min", "mean", "max")
 ANGLE_COLUMNS = ["model", "checkpoint", "tag", "kind", "num_classes", "dim", "stat", "mean_deg", "min_deg", "max_deg",
                  "nearest_mean_deg"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", nargs="+", required=True, metavar="NAME",
-                        help="one or more timm/visionzoo model names (features of each are evaluated)")
-    parser.add_argument("--checkpoint", nargs="*", default=None, metavar="W",
-                        help="weights for each --model, in the same order (.safetensors/.pth or HF folder); "
-                             "default: random init")
-    parser.add_argument("--datasets", nargs="+", required=True, metavar="ROOT",
-                        help="ImageFolder roots holding train/ and val/ (or LMDBs), or 'digits' (embedded)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/transfer.csv and one PNG per dataset")
-    parser.add_argument("--batch-size", "-b", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--workers", type=int, default=0, help="data loader processes (default: 0)")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="eval input size (default: the model's pretrained cfg)")
-    parser.add_argument("--classifier", choices=("svm", "logreg"), default="svm",
-                        help="linear classifier on frozen features (default: svm = LinearSVC)")
-    parser.add_argument("--c-grid", type=float, nargs="+", default=DEFAULT_C_GRID, metavar="C",
-                        help="values of C tried on the held-out 20%% of train (default: 1e-4 ... 1e3)")
-    parser.add_argument("--features", choices=("raw", "l2"), default="raw",
-                        help="L2-normalise the features before the classifier (default: raw)")
-    parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
-                        help="subtract the mean feature before the R^2 / variability metrics (default: on)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra constructor kwargs for every --model (e.g. dim=4 for a GCR weights file)")
-    parser.add_argument("--angles", action=argparse.BooleanOptionalAction, default=True,
-                        help="heat map of the angles between the classes of each model's trained classifier "
-                             "(default: on; skipped for models without one)")
-    parser.add_argument("--angle-stat", choices=ANGLE_STATS, default="min",
-                        help="which principal angle of a pair of k-dim class subspaces the heat map shows "
-                             "(default: min, the smallest)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,8 +131,6 @@ def principal_angles(a, b=None, max_elems: int = 1 << 24):
     ``arccos`` of the singular values of ``Q_i^T Q_j``, clamped to [0, 1], from one batched SVD over all pairs (in
     chunks of rows so that ``Ka * Kb * ka * kb`` stays below ``max_elems``: 1000 classes of k = 32 would need 8 GB).
     """
-    import torch
-
     a = torch.as_tensor(a).detach().to(torch.float64)
     b = a if b is None else torch.as_tensor(b).detach().to(torch.float64)
     if a.ndim != 3 or b.ndim != 3 or a.shape[1] != b.shape[1]:
@@ -178,9 +146,6 @@ def principal_angles(a, b=None, max_elems: int = 1 << 24):
 
 def vector_angles(w):
     """Angles in degrees, in [0, 180], between the rows of ``w`` (K, n): the softmax classes' weight vectors."""
-    import torch
-    import torch.nn.functional as F
-
     u = F.normalize(torch.as_tensor(w).detach().to(torch.float64).flatten(1), dim=1)
     return torch.rad2deg(torch.arccos((u @ u.T).clamp(-1.0, 1.0)))
 
@@ -224,8 +189,6 @@ def class_representation(model, classifier: dict | None = None):
     ``classifier``) give their k-dim subspaces (kind 'subspace'); a linear classifier gives its weight rows
     (kind 'vector', k = 1). ``classifier`` holds ``weight`` (and ``bias``) read from a weights file.
     """
-    from torch import nn
-
     from ..models.grassmann import GrassmannClassifier, grassmann_heads
 
     heads = grassmann_heads(model)
@@ -394,7 +357,6 @@ def _check_datasets(specs) -> None:
 def _extract(model, dataset, batch_size, workers, device):
     """Pooled pre-logits features as numpy arrays (``engine.features.extract`` with ``token='pooled'``)."""
     import numpy as np
-    import torch
 
     from .features import extract
 
@@ -439,7 +401,6 @@ def run(args) -> int:
     _check_datasets(args.datasets)
 
     import numpy as np
-    import torch
 
     from ..data.datasets import build_dataset
     from ..data.transforms import build_eval_transform

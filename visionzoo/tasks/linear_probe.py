@@ -125,6 +125,7 @@ class LinearProbeTask(Task):
 
     def build_optimizer(self, model: Probe, lr: float) -> torch.optim.Optimizer:
         cfg = self.cfg
+        self.lr = lr  # the loop's resolved lr (lr_base x global batch / lr_base_size), for the summary
         return torch.optim.SGD(model.head.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def build_schedule(self, optimizer, ctx: Context, lr: float):
@@ -151,7 +152,7 @@ class LinearProbeTask(Task):
         save_task_model(model.head, folder, self.name, dataclasses.asdict(self.cfg), {**metadata, **self.info})
 
     def summary(self) -> dict:
-        return {**self.info, "lr": self.cfg.resolved_lr()}
+        return {**self.info, "lr": self.lr}
 
     def header(self) -> str:
         i = self.info

@@ -1,5 +1,5 @@
 """Point-cloud classification (``visionzoo pointcloud``): the CoC PointMLP (``coc_pointmlp``) on ScanObjectNN or the
-embedded shapes. Data, loss and metrics live in ``dense/pointcloud.py``; everything else is the loop's."""
+embedded shapes. Data, loss and metrics live in ``dense/pointcloud/``; everything else is the loop's."""
 from __future__ import annotations
 
 import csv
@@ -19,6 +19,7 @@ from ..engine.config import split_run_path
 from ..engine.distributed import all_reduce_sum
 from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
 from ..engine.schedule import FactorSchedule
+from ..engine.state import resume_folder
 from ..engine.task import Context, Task
 from ..files import safe_torch_load
 
@@ -159,25 +160,8 @@ def train(cfg: PointCloudConfig, out=None, resume=None, device: str | None = Non
         cfg = dataclasses.replace(cfg, **split_run_path(out))
     cfg.check()
     if resume is not None:
-        resume = _resumable(Path(resume))
+        resume = resume_folder(resume, "last.pth", "its weights still evaluate with --checkpoint. Start a new run.")
     return fit(PointCloudTask(cfg, data), resume=resume, device=device)
-
-
-def _resumable(path: Path) -> Path:
-    """The run folder to resume: ``path``, or the folder of a train_state.pt; runs of visionzoo <= 0.1 (last.pth)
-    and other files get one clear error (a file is read weights-only first, so nothing in it can run)."""
-    old_hint = ("was written by an older visionzoo (last.pth) whose training state cannot be resumed by this one; "
-                "its weights still evaluate with --checkpoint. Start a new run.")
-    if path.is_file():
-        if path.name == "train_state.pt":
-            return path.parent
-        obj = safe_torch_load(path, "training state")
-        if isinstance(obj, dict) and "history" in obj and "model" in obj:
-            raise ValueError(f"--resume {path} {old_hint}")
-        raise ValueError(f"--resume {path}: pass a run folder (it holds train_state.pt), not a weights file.")
-    if path.is_dir() and not (path / "train_state.pt").is_file() and (path / "last.pth").is_file():
-        raise ValueError(f"--resume {path} {old_hint}")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

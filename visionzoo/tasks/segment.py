@@ -18,8 +18,10 @@ from ..dense.segmentation import SegmentationConfig
 from ..engine.config import split_run_path
 from ..engine.distributed import barrier, broadcast_object
 from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
+from ..engine.precision import eval_dtype
 from ..engine.sampling import seed_model_init
 from ..engine.schedule import FactorSchedule, mmcv_factor
+from ..engine.state import resume_folder
 from ..engine.task import Context, Task, read_task_model, save_task_model
 from ..files import safe_torch_load
 
@@ -68,7 +70,7 @@ class SegmentTask(Task):
     def evaluate(self, model: nn.Module, ctx: Context) -> dict:
         cfg = self.cfg
         m = seg.evaluate(model, self.val_pairs, cfg, ctx.device, names=self.names, rank=ctx.rank,
-                         world_size=ctx.world_size, amp_dtype=eval_amp_dtype(cfg, ctx.device), workers=cfg.workers)
+                         world_size=ctx.world_size, amp_dtype=eval_dtype(cfg.amp, cfg.amp_dtype, ctx.device), workers=cfg.workers)
         return {"mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"], "per_class": m["per_class"]}
 
     def export(self, model: nn.Module, folder, metadata: dict) -> None:
@@ -82,15 +84,6 @@ class SegmentTask(Task):
                 f"({cfg.dataset}), {cfg.num_classes} classes")
 
 
-def eval_amp_dtype(cfg: SegmentationConfig, device: torch.device):
-    """The autocast dtype of evaluation (None: fp32), as the engine's Precision decides for training."""
-    from ..engine.precision import amp_dtype
-
-    if not cfg.amp:
-        return None
-    dtype = amp_dtype(cfg.amp_dtype)
-    return None if dtype == torch.float16 and device.type != "cuda" else dtype
-
 
 def untrained_segmentor(cfg: SegmentationConfig) -> nn.Module:
     """The segmentor with the initial weights a run of ``cfg`` starts from (the learning check's baseline)."""
@@ -102,9 +95,10 @@ def untrained_segmentor(cfg: SegmentationConfig) -> nn.Module:
 # train (the CLI's and older callers' entry point)
 
 _OLD = re.compile(r"iter_(\d+)\.pth$")
-_OLD_HINT = ("was written by an older visionzoo (iter_N.pth) whose training state cannot be resumed by this one; its "
-             "weights still evaluate with `segment eval --checkpoint`. Start a new run (--set pretrained=... keeps "
-             "the backbone).")
+_OLD_HINT = ("its weights still evaluate with `segment eval --checkpoint`. Start a new run (--set pretrained=... "
+             "keeps the backbone).")
+# what a resumed run may not change (it keeps its saved recipe)
+RECIPE_KEYS = ("model", "model_kwargs", "head", "num_classes", "steps", "batch_size", "seed", "lr", "sched")
 
 
 def train(cfg: SegmentationConfig, out=None, resume=None, device: str | None = None) -> dict:
@@ -114,49 +108,8 @@ def train(cfg: SegmentationConfig, out=None, resume=None, device: str | None = N
         cfg = dataclasses.replace(cfg, **split_run_path(out))
     cfg.check()
     if resume is not None:
-        resume = resumable(Path(resume), cfg)
+        resume = resume_folder(resume, "iter_*.pth", _OLD_HINT, cfg, RECIPE_KEYS)
     return fit(SegmentTask(cfg), resume=resume, device=device)
-
-
-def resumable(path: Path, cfg: SegmentationConfig) -> Path:
-    """The run folder to continue: ``path``, or the folder of a train_state.pt. Runs of visionzoo <= 0.1
-    (iter_N.pth), a finished run, and a run of another recipe get one clear error (torch files are read weights-only
-    first, so nothing in them can run)."""
-    if path.is_file():
-        if path.name == "train_state.pt":
-            path = path.parent
-        else:
-            obj = safe_torch_load(path, "training state")
-            if isinstance(obj, dict) and "model" in obj and ("iter" in obj or "history" in obj):
-                raise ValueError(f"--resume {path} {_OLD_HINT}")
-            raise ValueError(f"--resume {path}: pass a run folder (it holds train_state.pt), not a weights file.")
-    if path.is_dir() and not (path / "train_state.pt").is_file() and any(_OLD.search(p.name) for p in path.iterdir()):
-        raise ValueError(f"--resume {path} {_OLD_HINT}")
-    _check_same_recipe(path, cfg)
-    return path
-
-
-def _check_same_recipe(path: Path, cfg: SegmentationConfig) -> None:
-    """A resumed run keeps its saved recipe: a different model, schedule or lr given with --resume is refused rather
-    than silently ignored; a run that already ran all its steps has nothing to do."""
-    import yaml
-
-    saved_file = path / "config.yaml"
-    if not saved_file.is_file():
-        return  # the engine names what is missing
-    saved = yaml.safe_load(saved_file.read_text()) or {}
-    keys = ("model", "model_kwargs", "head", "num_classes", "steps", "batch_size", "seed", "lr", "sched")
-    changed = [k for k in keys if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        raise ValueError(f"--resume {path}: the run was trained with other {', '.join(changed)} "
-                         f"({ {k: saved[k] for k in changed} }); resume with the same recipe (only max_steps, "
-                         f"checkpoint_every_steps, workers and log_interval may change).")
-    summary = path / "summary.json"
-    total = (saved.get("resolved") or {}).get("total_steps")
-    if summary.is_file() and total:
-        done = json.loads(summary.read_text()).get("global_step", 0)
-        if done >= total:
-            raise ValueError(f"--resume {path}: nothing to do, the run already finished all {total} steps.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,7 +150,7 @@ def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, d
         info["step"] = int(obj.get("iter") or (obj.get("progress") or {}).get("global_step") or 0)
         if obj.get("data_root"):
             info["data_root"] = obj["data_root"]
-    known = {f.name for f in dataclasses.fields(SegmentationConfig)} | set(seg.ALIASES) | set(seg.DEPRECATED)
+    known = {f.name for f in dataclasses.fields(SegmentationConfig)} | set(SegmentationConfig.RENAMED_KEYS) | set(SegmentationConfig.IGNORED_KEYS)
     config = {k: v for k, v in config.items() if k in known}
     cfg = SegmentationConfig.from_dict(config, f"checkpoint {info['source']}")
     cfg = dataclasses.replace(cfg, pretrained=None)  # the weights come from the checkpoint

@@ -18,21 +18,29 @@ section 5.2, udi.md section 7) are reproduced in plain PyTorch, without mmcv:
   (``training.py``); the loop, DDP, autocast, the run folder and exact resume are the engine's.
 
 Modules: ``config`` (SegmentationConfig), ``heads`` (heads, Segmentor), ``data`` (ADE20K layout, pipelines),
-``inference`` (whole / slide / aug-test, metrics, evaluate), ``training``, ``cli``.
+``inference`` (whole / slide / aug-test, metrics, evaluate), ``training``, ``commands`` (what `visionzoo segment`
+runs). Names are re-exported lazily (``from visionzoo.dense.segmentation import X``), so reading the config does not
+import torch.
 
-torch is imported lazily so that ``visionzoo --help`` stays fast.
 """
+from __future__ import annotations
 
-from .cli import HELP, add_arguments, config_from_args, overlay, palette, run
-from .config import ALIASES, DEPRECATED, HEADS, IMAGENET_MEAN, IMAGENET_STD, SegmentationConfig
-from .data import *  # noqa: F401,F403
-from .heads import *  # noqa: F401,F403
-from .heads import _resize  # noqa: F401
-from .inference import *  # noqa: F401,F403
-from .training import build_optimizer, lr_factor, train
+from ..._lazy import lazy_exports
 
-
-def __getattr__(name):  # the head classes, created on first use (see heads.py)
-    from . import heads
-
-    return getattr(heads, name)
+_EXPORTS = {
+    "HEADS": "config", "IMAGENET_MEAN": "config",
+    "IMAGENET_STD": "config", "SegmentationConfig": "config",
+    "FCNHead": "heads", "FPNHead": "heads", "FPNNeck": "heads", "SegformerHead": "heads", "Segmentor": "heads",
+    "UPerHead": "heads", "_resize": "heads", "build_head": "heads", "build_segmentor": "heads", "seg_ce": "heads",
+    "SegDataset": "data", "ade20k_pairs": "data", "class_names": "data", "dataset_root": "data", "load_pair": "data",
+    "normalize": "data", "photometric_distortion": "data", "random_crop_box": "data", "reduce_labels": "data",
+    "rescale_size": "data", "resize_image": "data", "resize_label": "data", "test_size": "data",
+    "train_transform": "data",
+    "aug_test_probs": "inference", "confusion_matrix": "inference", "evaluate": "inference",
+    "predict_logits": "inference", "segmentation_metrics": "inference", "slide_logits": "inference",
+    "slide_windows": "inference",
+    "build_optimizer": "training", "lr_factor": "training", "train": "training",
+    "config_from_args": "commands", "overlay": "commands", "palette": "commands", "run": "commands",
+}
+__all__ = sorted(n for n in _EXPORTS if not n.startswith("_"))
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,27 +1,19 @@
 """The segmentation recipe: ``SegmentationConfig`` (RunConfig + the task's own keys) and its older key names."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
-from ...engine.config import RecipeError, RunConfig, check_config_keys, read_recipe
+from ...engine.config import RecipeError, RunConfig
 
 
-_logger = logging.getLogger("visionzoo")
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 HEADS = ("fpn", "upernet", "segformer")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # config
-
-# old recipe keys -> RunConfig names (iteration-based recipes of visionzoo <= 0.1 and the mmseg configs)
-ALIASES = {"iters": "steps", "eval_interval": "eval_every_steps", "ckpt_interval": "checkpoint_every_steps"}
-# old keys that no longer do anything: a run keeps ONE training state file (train_state.pt) plus last/ and best/
-DEPRECATED = {"max_keep_ckpts": "a run keeps one train_state.pt (plus last/ and best/), so there is nothing to rotate"}
 
 
 @dataclass
@@ -29,6 +21,11 @@ class SegmentationConfig(RunConfig):
     """One segmentation recipe (flat keys, ``visionzoo/recipes/segmentation/*.yaml``): the shared ``RunConfig``
     fields (``steps`` iterations, ``eval_every_steps``, ``checkpoint_every_steps``, ``batch_size`` per process, ...)
     with mmseg's defaults, plus the task's own."""
+
+    KIND = "segmentation"
+    # old recipe keys -> RunConfig names (iteration-based recipes of visionzoo <= 0.1 and the mmseg configs)
+    RENAMED_KEYS = {"iters": "steps", "eval_interval": "eval_every_steps", "ckpt_interval": "checkpoint_every_steps"}
+    IGNORED_KEYS = {"max_keep_ckpts": "a run keeps one train_state.pt (plus last/ and best/): nothing to rotate"}
 
     task: str = "segment"
     # backbone (visionzoo.dense.backbones.build_backbone)
@@ -100,9 +97,6 @@ class SegmentationConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
-        if self.task != "segment":
-            raise RecipeError(f"this is a {self.task!r} recipe (task: {self.task}); `visionzoo segment` takes "
-                              f"segmentation recipes (visionzoo list recipes 'segmentation/*').")
         if not self.steps:
             raise RecipeError("segmentation recipes are iteration based: set steps (the older key: iters).")
         if self.head not in HEADS:
@@ -118,32 +112,3 @@ class SegmentationConfig(RunConfig):
                               f"{self.aug_test_ratios}")
         if self.sched not in ("poly", "step", "constant"):
             raise RecipeError(f"sched must be poly, step or constant, got {self.sched!r}")
-
-    @classmethod
-    def upgrade_keys(cls, data: dict, source: str = "recipe") -> dict:
-        """Old key names mapped to the new ones (one logged note each); deprecated keys dropped."""
-        data = dict(data)
-        for old, new in ALIASES.items():
-            if old in data:
-                value = data.pop(old)
-                if new in data and data[new] != value:
-                    raise RecipeError(f"{source}: both {old} (the older name) and {new} are set; keep {new}.")
-                data[new] = value
-                _logger.info("%s: key '%s' is now spelled '%s'", source, old, new)
-        for old, why in DEPRECATED.items():
-            if old in data:
-                data.pop(old)
-                _logger.info("%s: key '%s' is ignored (%s)", source, old, why)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "recipe") -> "SegmentationConfig":
-        data = cls.upgrade_keys(data, source)
-        check_config_keys(data, cls, "segmentation", source)
-        cfg = cls(**data)
-        cfg.check()
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, recipe: str) -> "SegmentationConfig":
-        return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, SegmentationConfig
 
@@ -69,8 +71,6 @@ def resize_image(img: np.ndarray, h: int, w: int) -> np.ndarray:
     """Bilinear, half-pixel centres, no antialias (cv2 INTER_LINEAR, which mmcv uses)."""
     if img.shape[:2] == (h, w):
         return img
-    import torch
-    import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
     t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
@@ -194,8 +194,6 @@ class SegDataset:
         return len(self.pairs)
 
     def __getitem__(self, index: int):
-        import torch
-
         cfg = self.cfg
         img, label = load_pair(*self.pairs[index], cfg.reduce_zero_label)
         if self.train:

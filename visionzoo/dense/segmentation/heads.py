@@ -4,20 +4,16 @@ from __future__ import annotations
 import math
 import sys
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from .config import HEADS, SegmentationConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # heads (plain torch; mmseg semantics)
 
-def _nn():
-    import torch.nn as nn
-
-    return nn
-
-
 def _resize(x, size):
-    import torch.nn.functional as F
-
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -25,7 +21,6 @@ def _resize(x, size):
 
 def _conv_module(cin: int, cout: int, k: int, norm: bool = True, act: bool = True):
     """mmcv ConvModule: conv (bias only without a norm) -> BN -> ReLU, with mmcv's submodule names."""
-    nn = _nn()
     m = nn.Sequential()
     m.add_module("conv", nn.Conv2d(cin, cout, k, padding=k // 2, bias=not norm))
     if norm:
@@ -36,7 +31,6 @@ def _conv_module(cin: int, cout: int, k: int, norm: bool = True, act: bool = Tru
 
 
 def _decode_base(self, channels: int, num_classes: int, dropout: float) -> None:
-    nn = _nn()
     self.num_classes = num_classes
     self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()  # mmseg BaseDecodeHead: Dropout2d
     self.conv_seg = nn.Conv2d(channels, num_classes, 1)
@@ -44,187 +38,162 @@ def _decode_base(self, channels: int, num_classes: int, dropout: float) -> None:
     nn.init.zeros_(self.conv_seg.bias)
 
 
-def _make_classes():
-    """Head classes are created on first use so that importing this module does not import torch."""
-    nn = _nn()
-    import torch
+class FPNNeck(nn.Module):
+    """mmseg/mmdet FPN with ``num_outs == len(inputs)``: 1x1 laterals, nearest top-down sums, 3x3 outputs."""
 
-    class FPNNeck(nn.Module):
-        """mmseg/mmdet FPN with ``num_outs == len(inputs)``: 1x1 laterals, nearest top-down sums, 3x3 outputs."""
+    def __init__(self, in_channels, out_channels: int = 256):
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(_conv_module(c, out_channels, 1, False, False) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(_conv_module(out_channels, out_channels, 3, False, False)
+                                       for _ in in_channels)
+        for m in self.modules():  # mmdet FPN init: xavier_uniform on every conv
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.out_channels = [out_channels] * len(in_channels)
 
-        def __init__(self, in_channels, out_channels: int = 256):
-            super().__init__()
-            self.lateral_convs = nn.ModuleList(_conv_module(c, out_channels, 1, False, False) for c in in_channels)
-            self.fpn_convs = nn.ModuleList(_conv_module(out_channels, out_channels, 3, False, False)
-                                           for _ in in_channels)
-            for m in self.modules():  # mmdet FPN init: xavier_uniform on every conv
-                if isinstance(m, nn.Conv2d):
-                    nn.init.xavier_uniform_(m.weight)
-                    nn.init.zeros_(m.bias)
-            self.out_channels = [out_channels] * len(in_channels)
+    def forward(self, feats):
+        lat = [conv(x) for conv, x in zip(self.lateral_convs, feats)]
+        for i in range(len(lat) - 1, 0, -1):
+            up = lat[i] if lat[i].shape[-2:] == lat[i - 1].shape[-2:] else \
+                F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
+            lat[i - 1] = lat[i - 1] + up
+        return [conv(x) for conv, x in zip(self.fpn_convs, lat)]
 
-        def forward(self, feats):
-            import torch.nn.functional as F
+class FPNHead(nn.Module):
+    """Semantic FPN head: per level ``max(1, log2(s_i / s_0))`` 3x3 ConvModules, each followed by a 2x bilinear
+    upsample while the level is coarser than the first; the levels are summed at the first map's size."""
 
-            lat = [conv(x) for conv, x in zip(self.lateral_convs, feats)]
-            for i in range(len(lat) - 1, 0, -1):
-                up = lat[i] if lat[i].shape[-2:] == lat[i - 1].shape[-2:] else \
-                    F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
-                lat[i - 1] = lat[i - 1] + up
-            return [conv(x) for conv, x in zip(self.fpn_convs, lat)]
+    def __init__(self, in_channels, strides, channels: int = 128, num_classes: int = 150, dropout: float = 0.1):
+        super().__init__()
+        self.scale_heads = nn.ModuleList()
+        for c, s in zip(in_channels, strides):
+            n = max(1, int(round(math.log2(s / strides[0]))))
+            layers = []
+            for k in range(n):
+                layers.append(_conv_module(c if k == 0 else channels, channels, 3))
+                if s != strides[0]:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*layers))
+        _decode_base(self, channels, num_classes, dropout)
 
-    class FPNHead(nn.Module):
-        """Semantic FPN head: per level ``max(1, log2(s_i / s_0))`` 3x3 ConvModules, each followed by a 2x bilinear
-        upsample while the level is coarser than the first; the levels are summed at the first map's size."""
+    def forward(self, feats):
+        out = self.scale_heads[0](feats[0])
+        for head, x in zip(self.scale_heads[1:], feats[1:]):
+            out = out + _resize(head(x), out.shape[-2:])
+        return self.conv_seg(self.dropout(out))
 
-        def __init__(self, in_channels, strides, channels: int = 128, num_classes: int = 150, dropout: float = 0.1):
-            super().__init__()
-            self.scale_heads = nn.ModuleList()
-            for c, s in zip(in_channels, strides):
-                n = max(1, int(round(math.log2(s / strides[0]))))
-                layers = []
-                for k in range(n):
-                    layers.append(_conv_module(c if k == 0 else channels, channels, 3))
-                    if s != strides[0]:
-                        layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
-                self.scale_heads.append(nn.Sequential(*layers))
-            _decode_base(self, channels, num_classes, dropout)
+class UPerHead(nn.Module):
+    """UperNet: a pyramid pooling module (PPM) on the last map, an FPN over the others, every level resized to
+    the first map, concatenated and fused by a 3x3 ConvModule."""
 
-        def forward(self, feats):
-            out = self.scale_heads[0](feats[0])
-            for head, x in zip(self.scale_heads[1:], feats[1:]):
-                out = out + _resize(head(x), out.shape[-2:])
-            return self.conv_seg(self.dropout(out))
+    def __init__(self, in_channels, channels: int = 512, num_classes: int = 150, dropout: float = 0.1,
+                 pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.psp_modules = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv_module(in_channels[-1], channels, 1))
+            for s in pool_scales)
+        self.bottleneck = _conv_module(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(_conv_module(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(_conv_module(channels, channels, 3) for _ in in_channels[:-1])
+        self.fpn_bottleneck = _conv_module(len(in_channels) * channels, channels, 3)
+        _decode_base(self, channels, num_classes, dropout)
 
-    class UPerHead(nn.Module):
-        """UperNet: a pyramid pooling module (PPM) on the last map, an FPN over the others, every level resized to
-        the first map, concatenated and fused by a 3x3 ConvModule."""
+    def psp_forward(self, x):
+        pooled = [_resize(m(x), x.shape[-2:]) for m in self.psp_modules]
+        return self.bottleneck(torch.cat([x] + pooled, dim=1))
 
-        def __init__(self, in_channels, channels: int = 512, num_classes: int = 150, dropout: float = 0.1,
-                     pool_scales=(1, 2, 3, 6)):
-            super().__init__()
-            self.psp_modules = nn.ModuleList(
-                nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv_module(in_channels[-1], channels, 1))
-                for s in pool_scales)
-            self.bottleneck = _conv_module(in_channels[-1] + len(pool_scales) * channels, channels, 3)
-            self.lateral_convs = nn.ModuleList(_conv_module(c, channels, 1) for c in in_channels[:-1])
-            self.fpn_convs = nn.ModuleList(_conv_module(channels, channels, 3) for _ in in_channels[:-1])
-            self.fpn_bottleneck = _conv_module(len(in_channels) * channels, channels, 3)
-            _decode_base(self, channels, num_classes, dropout)
+    def forward(self, feats):
+        lat = [conv(x) for conv, x in zip(self.lateral_convs, feats)] + [self.psp_forward(feats[-1])]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + _resize(lat[i], lat[i - 1].shape[-2:])
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:-1])] + [lat[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.fpn_bottleneck(torch.cat([_resize(o, size) for o in outs], dim=1))
+        return self.conv_seg(self.dropout(fused))
 
-        def psp_forward(self, x):
-            pooled = [_resize(m(x), x.shape[-2:]) for m in self.psp_modules]
-            return self.bottleneck(torch.cat([x] + pooled, dim=1))
+class FCNHead(nn.Module):
+    """mmseg FCNHead (the UperNet auxiliary head): ``num_convs`` 3x3 ConvModules on one map, no concat_input."""
 
-        def forward(self, feats):
-            lat = [conv(x) for conv, x in zip(self.lateral_convs, feats)] + [self.psp_forward(feats[-1])]
-            for i in range(len(lat) - 1, 0, -1):
-                lat[i - 1] = lat[i - 1] + _resize(lat[i], lat[i - 1].shape[-2:])
-            outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:-1])] + [lat[-1]]
-            size = outs[0].shape[-2:]
-            fused = self.fpn_bottleneck(torch.cat([_resize(o, size) for o in outs], dim=1))
-            return self.conv_seg(self.dropout(fused))
+    def __init__(self, in_channels: int, channels: int = 256, num_classes: int = 150, dropout: float = 0.1,
+                 num_convs: int = 1):
+        super().__init__()
+        self.convs = nn.Sequential(*[_conv_module(in_channels if i == 0 else channels, channels, 3)
+                                     for i in range(num_convs)])
+        _decode_base(self, channels, num_classes, dropout)
 
-    class FCNHead(nn.Module):
-        """mmseg FCNHead (the UperNet auxiliary head): ``num_convs`` 3x3 ConvModules on one map, no concat_input."""
+    def forward(self, x):
+        return self.conv_seg(self.dropout(self.convs(x)))
 
-        def __init__(self, in_channels: int, channels: int = 256, num_classes: int = 150, dropout: float = 0.1,
-                     num_convs: int = 1):
-            super().__init__()
-            self.convs = nn.Sequential(*[_conv_module(in_channels if i == 0 else channels, channels, 3)
-                                         for i in range(num_convs)])
-            _decode_base(self, channels, num_classes, dropout)
+class SegformerHead(nn.Module):
+    """mmseg SegformerHead: per level a 1x1 ConvModule (BN + ReLU) to ``channels``, bilinear resize to the first
+    map, concatenation, 1x1 ConvModule fusion, dropout, classifier."""
 
-        def forward(self, x):
-            return self.conv_seg(self.dropout(self.convs(x)))
+    def __init__(self, in_channels, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
+        super().__init__()
+        self.convs = nn.ModuleList(_conv_module(c, channels, 1) for c in in_channels)
+        self.fusion_conv = _conv_module(len(in_channels) * channels, channels, 1)
+        _decode_base(self, channels, num_classes, dropout)
 
-    class SegformerHead(nn.Module):
-        """mmseg SegformerHead: per level a 1x1 ConvModule (BN + ReLU) to ``channels``, bilinear resize to the first
-        map, concatenation, 1x1 ConvModule fusion, dropout, classifier."""
+    def forward(self, feats):
+        size = feats[0].shape[-2:]
+        outs = [_resize(conv(x), size) for conv, x in zip(self.convs, feats)]
+        return self.conv_seg(self.dropout(self.fusion_conv(torch.cat(outs, dim=1))))
 
-        def __init__(self, in_channels, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
-            super().__init__()
-            self.convs = nn.ModuleList(_conv_module(c, channels, 1) for c in in_channels)
-            self.fusion_conv = _conv_module(len(in_channels) * channels, channels, 1)
-            _decode_base(self, channels, num_classes, dropout)
+class Segmentor(nn.Module):
+    """mmseg EncoderDecoder: backbone -> (neck) -> decode head (+ auxiliary head in training). The input is padded
+    (bottom/right, zeros) to the backbone's ``size_divisor``; logits come back at the input size."""
 
-        def forward(self, feats):
-            size = feats[0].shape[-2:]
-            outs = [_resize(conv(x), size) for conv, x in zip(self.convs, feats)]
-            return self.conv_seg(self.dropout(self.fusion_conv(torch.cat(outs, dim=1))))
+    def __init__(self, backbone, decode_head, neck=None, auxiliary_head=None, aux_index: int = 3,
+                 aux_weight: float = 0.4, ignore_index: int = 255, avg_non_ignore: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.decode_head = decode_head
+        self.auxiliary_head = auxiliary_head
+        self.aux_index, self.aux_weight = aux_index, aux_weight
+        self.ignore_index, self.avg_non_ignore = ignore_index, avg_non_ignore
+        self.num_classes = decode_head.num_classes
+        self.size_divisor = int(getattr(backbone, "size_divisor", 1) or 1)
 
-    class Segmentor(nn.Module):
-        """mmseg EncoderDecoder: backbone -> (neck) -> decode head (+ auxiliary head in training). The input is padded
-        (bottom/right, zeros) to the backbone's ``size_divisor``; logits come back at the input size."""
+    def _features(self, x):
+        feats = list(self.backbone(x))
+        return self.neck(feats) if self.neck is not None else feats
 
-        def __init__(self, backbone, decode_head, neck=None, auxiliary_head=None, aux_index: int = 3,
-                     aux_weight: float = 0.4, ignore_index: int = 255, avg_non_ignore: bool = False):
-            super().__init__()
-            self.backbone = backbone
-            self.neck = neck
-            self.decode_head = decode_head
-            self.auxiliary_head = auxiliary_head
-            self.aux_index, self.aux_weight = aux_index, aux_weight
-            self.ignore_index, self.avg_non_ignore = ignore_index, avg_non_ignore
-            self.num_classes = decode_head.num_classes
-            self.size_divisor = int(getattr(backbone, "size_divisor", 1) or 1)
+    def _pad(self, x):
+        h, w = x.shape[-2:]
+        d = self.size_divisor
+        ph, pw = (-h) % d, (-w) % d
+        return (F.pad(x, (0, pw, 0, ph)) if ph or pw else x), (h, w)
 
-        def _features(self, x):
-            feats = list(self.backbone(x))
-            return self.neck(feats) if self.neck is not None else feats
+    def forward(self, x, target=None, return_aux: bool = False):
+        """Logits (B, K, H, W); with ``target`` (B, H, W) the loss dict instead (so DDP sees one forward)."""
+        if target is not None:
+            return self.loss(x, target)
+        xp, (h, w) = self._pad(x)
+        feats = self._features(xp)
+        logits = _resize(self.decode_head(feats), xp.shape[-2:])[..., :h, :w]
+        if not return_aux:
+            return logits
+        aux = None
+        if self.auxiliary_head is not None:
+            aux = _resize(self.auxiliary_head(feats[self.aux_index]), xp.shape[-2:])[..., :h, :w]
+        return logits, aux
 
-        def _pad(self, x):
-            import torch.nn.functional as F
-
-            h, w = x.shape[-2:]
-            d = self.size_divisor
-            ph, pw = (-h) % d, (-w) % d
-            return (F.pad(x, (0, pw, 0, ph)) if ph or pw else x), (h, w)
-
-        def forward(self, x, target=None, return_aux: bool = False):
-            """Logits (B, K, H, W); with ``target`` (B, H, W) the loss dict instead (so DDP sees one forward)."""
-            if target is not None:
-                return self.loss(x, target)
-            xp, (h, w) = self._pad(x)
-            feats = self._features(xp)
-            logits = _resize(self.decode_head(feats), xp.shape[-2:])[..., :h, :w]
-            if not return_aux:
-                return logits
-            aux = None
-            if self.auxiliary_head is not None:
-                aux = _resize(self.auxiliary_head(feats[self.aux_index]), xp.shape[-2:])[..., :h, :w]
-            return logits, aux
-
-        def loss(self, x, target) -> dict:
-            logits, aux = self.forward(x, return_aux=True)
-            out = {"loss_decode": seg_ce(logits, target, self.ignore_index, self.avg_non_ignore)}
-            loss = out["loss_decode"]
-            if aux is not None:
-                out["loss_aux"] = seg_ce(aux, target, self.ignore_index, self.avg_non_ignore) * self.aux_weight
-                loss = loss + out["loss_aux"]
-            out["loss"] = loss
-            return out
-
-    return dict(FPNNeck=FPNNeck, FPNHead=FPNHead, UPerHead=UPerHead, FCNHead=FCNHead, SegformerHead=SegformerHead,
-                Segmentor=Segmentor)
-
-
-_CLASSES: dict = {}
-
-
-def __getattr__(name):  # FPNHead, UPerHead, ... created lazily (module-level torch import would slow the CLI)
-    if name in ("FPNNeck", "FPNHead", "UPerHead", "FCNHead", "SegformerHead", "Segmentor"):
-        if not _CLASSES:
-            _CLASSES.update(_make_classes())
-        return _CLASSES[name]
-    raise AttributeError(name)
+    def loss(self, x, target) -> dict:
+        logits, aux = self.forward(x, return_aux=True)
+        out = {"loss_decode": seg_ce(logits, target, self.ignore_index, self.avg_non_ignore)}
+        loss = out["loss_decode"]
+        if aux is not None:
+            out["loss_aux"] = seg_ce(aux, target, self.ignore_index, self.avg_non_ignore) * self.aux_weight
+            loss = loss + out["loss_aux"]
+        out["loss"] = loss
+        return out
 
 
 def seg_ce(logits, target, ignore_index: int = 255, avg_non_ignore: bool = False):
     """mmseg CrossEntropyLoss: per-pixel CE in fp32; mean over all pixels (ignored ones count 0) unless
     ``avg_non_ignore``, then over the valid pixels only."""
-    import torch.nn.functional as F
-
     loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
     if avg_non_ignore:
         return loss.sum() / (target != ignore_index).sum().clamp_min(1)

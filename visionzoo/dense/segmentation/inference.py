@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .config import SegmentationConfig
 from .data import SegDataset
 from .heads import _resize
@@ -27,8 +29,6 @@ def slide_windows(h: int, w: int, crop, stride) -> list[tuple[int, int, int, int
 def slide_logits(model, img, crop, stride, num_classes: int, batch: int = 8):
     """Sliding-window logits for ``img`` (1, 3, H, W): windows run in batches (they all have one size); overlapping
     logits are averaged."""
-    import torch
-
     h, w = img.shape[-2:]
     wins = slide_windows(h, w, crop, stride)
     out = img.new_zeros((1, num_classes, h, w), dtype=torch.float32)
@@ -73,8 +73,6 @@ def aug_test_probs(model, imgs, out_size, flip: bool = True, mode: str = "whole"
 
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255):
     """(K, K) int64 matrix, rows = ground truth, columns = prediction, over pixels whose label is not ignored."""
-    import torch
-
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     idx = target[valid].long() * num_classes + pred[valid].long()
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
@@ -109,8 +107,6 @@ def evaluate(model, pairs, cfg: SegmentationConfig, device, mode: str | None = N
     summed with all_reduce). Logits are resized to the original label size before the argmax, as mmseg does.
     ``aug_test``: multi-scale (``cfg.aug_test_ratios``) and flip (``cfg.aug_test_flip``) test, see
     :func:`aug_test_probs`."""
-    import torch
-
     from ...engine.distributed import all_reduce_sum
 
     mode = mode or cfg.test_mode

@@ -1,26 +1,18 @@
 """The pieces the segment task gives the engine: mmcv-style parameter groups and the per-iteration lr factor."""
 from __future__ import annotations
 
+
 from .config import SegmentationConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # training pieces (the loop is the engine's: visionzoo/tasks/segment.py)
 
 def build_optimizer(model, cfg: SegmentationConfig, lr: float | None = None):
-    """AdamW / SGD over mmcv-style parameter groups (``no_decay_keys``, ``lr_mults`` as each group's ``lr_scale``,
-    which the engine's schedule applies)."""
-    import torch
+    """The recipe's AdamW / SGD over mmcv-style parameter groups (``no_decay_keys``, ``lr_mults``)."""
+    from ..common import mmcv_optimizer
 
-    from ..common import param_groups
-
-    lr = cfg.lr if lr is None else lr
-    groups = param_groups(model, cfg.weight_decay, tuple(cfg.no_decay_keys), dict(cfg.lr_mults))
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]
-    if cfg.opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps,
-                                 weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return mmcv_optimizer(model, cfg.lr if lr is None else lr, cfg.opt, cfg.weight_decay, cfg.no_decay_keys,
+                          cfg.lr_mults, betas=cfg.opt_betas, eps=cfg.opt_eps)
 
 
 def lr_factor(cfg: SegmentationConfig, it: int, lr: float | None = None) -> float:

@@ -17,7 +17,8 @@ Works with any timm ViT with at least two prefix tokens (token 0 = [CLS], token 
 Modules: ``config`` (the recipe), ``augment`` (crops, SRS masks, maps, the data sets), ``heads`` (DINO head, SRS,
 ``UDINetwork``), ``loss`` (``UDILoss``), ``meta_arch`` (``UDI``: student + EMA teacher + loss, schedules, param
 groups, builder), ``knn`` (the online k-NN), ``train`` (``pretrain``, ``profile_pretrain``). Every public name is
-re-exported here, so ``from visionzoo.ssl.udi import X`` works for all of them.
+re-exported here lazily, so ``from visionzoo.ssl.udi import X`` works for all of them and reading the config does
+not import torch.
 
 Public API (what ``visionzoo pretrain --method udi`` wires):
 
@@ -33,20 +34,22 @@ Public API (what ``visionzoo pretrain --method udi`` wires):
 """
 from __future__ import annotations
 
-from .augment import UDIAugmentation, create_maps, eval_crop_pct, eval_transform, sampling_mask
-from .config import UDIConfig
-from .heads import DINOHead, SRSModule, UDINetwork, WeightNormLinear, backbone_tokens, network_checkpoint_filter
-from .knn import extract_features, knn_accuracy
-from .loss import UDILoss, teacher_temp_schedule
-from .meta_arch import (UDI, backbone_kwargs, build_schedules, build_udi, clip_gradients_per_tensor, cosine_schedule,
-                        param_groups, split_maps)
-from .train import pretrain, profile_pretrain
+from ..._lazy import lazy_exports
 
-# private helpers that callers of the single-file module imported (tests, the task)
-from .augment import _build_data, _ref_box, _rrc_box, _SSLDataset  # noqa: F401,E402
-from .config import _RENAMED, _renamed_keys  # noqa: F401,E402
-from .heads import _num_heads  # noqa: F401,E402
-
+_EXPORTS = {
+    "UDIAugmentation": "augment", "create_maps": "augment", "eval_crop_pct": "augment", "eval_transform": "augment",
+    "sampling_mask": "augment", "_build_data": "augment", "_ref_box": "augment", "_rrc_box": "augment",
+    "_SSLDataset": "augment",
+    "UDIConfig": "config", "_RENAMED": "config", "_renamed_keys": "config",
+    "DINOHead": "heads", "SRSModule": "heads", "UDINetwork": "heads", "WeightNormLinear": "heads",
+    "backbone_tokens": "heads", "network_checkpoint_filter": "heads", "_num_heads": "heads",
+    "extract_features": "knn", "knn_accuracy": "knn",
+    "UDILoss": "loss", "teacher_temp_schedule": "loss",
+    "UDI": "meta_arch", "backbone_kwargs": "meta_arch", "build_schedules": "meta_arch", "build_udi": "meta_arch",
+    "clip_gradients_per_tensor": "meta_arch", "cosine_schedule": "meta_arch", "param_groups": "meta_arch",
+    "split_maps": "meta_arch",
+    "pretrain": "train", "profile_pretrain": "train",
+}
 __all__ = [
     "UDIConfig", "UDIAugmentation", "sampling_mask", "create_maps", "DINOHead", "SRSModule", "UDINetwork",
     "UDILoss", "UDI", "cosine_schedule", "build_schedules", "param_groups", "clip_gradients_per_tensor",
@@ -54,3 +57,4 @@ __all__ = [
     "WeightNormLinear", "backbone_tokens", "teacher_temp_schedule", "split_maps", "backbone_kwargs", "build_udi",
     "eval_transform", "eval_crop_pct",
 ]
+__getattr__ = lazy_exports(__name__, _EXPORTS)

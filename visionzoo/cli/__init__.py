@@ -1,99 +1,20 @@
-"""The `visionzoo` command. Parsers are built without importing torch, so `--help` answers at once."""
+"""The `visionzoo` command. The parser is built without importing torch, so that `--help` answers at once: the
+built-in commands' flags come from the config dataclasses, and a tool's module (which imports torch) is imported only
+when that tool is the command being run."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 
-from .engine.config import add_config_flags, config_overrides
+from ..engine.config import add_config_flags
+from . import tools
+from .commands import cmd_demo, cmd_list, cmd_to_lmdb, cmd_train, cmd_validate, cmd_visualize
 
-# ----------------------------------------------------------------------------------------------------------------
-# commands
-
-def cmd_train(args) -> int:
-    from .engine.config import TrainConfig, apply_overrides, load_config
-
-    overrides = config_overrides(args, TrainConfig)
-    data = args.data if args.data is not None else args.data_flag
-    if data == "digits":
-        overrides.setdefault("dataset", "digits")
-    elif data is not None:
-        overrides.setdefault("data_dir", data)
-        overrides.setdefault("dataset", "auto")
-    overrides = apply_overrides(overrides, args.set or [])
-    cfg = load_config(args.recipe, overrides)
-    from .tasks.classify import train
-
-    summary = train(cfg, resume=args.resume, device=args.device)
-    print(f"run directory: {summary['run_dir']}")
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .engine.config import load_config
-
-    overrides = {"output": args.output}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.model is not None:
-        overrides["model"] = args.model
-    cfg = load_config("demo/digits", overrides)
-    from .tasks.classify import train
-
-    print(f"visionzoo demo: training {cfg.model} on the embedded scikit-learn digits ({cfg.epochs} epochs, CPU ok)")
-    summary = train(cfg, device=args.device)
-    top1 = summary.get("val_top1", float("nan"))
-    print(f"\nval top-1: {top1:.2f}%  (best {summary['best_top1']:.2f}%)")
-    print(f"run directory: {summary['run_dir']}  (last/ and best/ weights, metrics.csv, curves.png, config.yaml)")
-    return 0
-
-
-def cmd_validate(args) -> int:
-    from .engine.evaluate import validate
-
-    validate(args.model, data=args.dataset, data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint,
-             batch_size=args.batch_size, workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,
-             amp=args.amp, use_ema=args.use_ema, device=args.device, results_file=args.results_file)
-    return 0
-
-
-def cmd_list(args) -> int:
-    if args.what == "recipes":
-        from .engine.config import list_recipes
-
-        names = list_recipes()
-    else:
-        from . import models
-
-        names = models.list_models(args.pattern or "*", include_timm=args.all)
-    print("\n".join(n for n in names if not args.pattern or args.what == "models" or args.pattern in n))
-    return 0
-
-
-def cmd_benchmark(args) -> int:
-    from . import bench
-
-    return bench.run(args)
-
-
-def cmd_to_lmdb(args) -> int:
-    from .data.lmdb import convert_to_lmdb
-
-    n = convert_to_lmdb(args.src, args.dst, label_file=args.label_file)
-    print(f"wrote {n} records to {args.dst}")
-    return 0
-
-
-def cmd_visualize(args) -> int:
-    import importlib
-
-    module = {"clusters": "clusters", "groups": "groups", "attention": "attention"}[args.kind]
-    return importlib.import_module(f".viz.{module}", __package__).run(args) or 0
-
-
-# Commands whose module owns its flags: each module has ``add_arguments(parser)`` (no torch import at module level,
-# so ``--help`` stays fast) and ``run(args) -> int``.
+# The tools: name -> (the module that runs them, its help line). Their flags are in cli/tools.py (the function
+# named like the tool), torch-free; the module is imported only when its command runs.
 TOOLS = {
+    "benchmark": ("bench", "inference/train throughput, parameters and GMACs (timm's method)"),
     "pretrain": ("ssl.pretrain", "self-supervised pretraining (--method udi) with online k-NN"),
     "knn": ("engine.knn", "weighted k-NN accuracy of frozen features (any model)"),
     "linear": ("engine.linear", "linear probe on frozen features (any model)"),
@@ -114,15 +35,19 @@ def _tool_runner(module: str):
     def run(args) -> int:
         import importlib
 
-        return int(importlib.import_module(f".{module}", __package__).run(args) or 0)
+        return int(importlib.import_module(f"visionzoo.{module}").run(args) or 0)
 
     return run
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    from .engine.config import TrainConfig
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: every command is listed, and only the tool ``argv`` runs is imported."""
+    from ..engine.config import TrainConfig
+
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if not a.startswith("-")), None)
 
     parser = argparse.ArgumentParser(
         prog="visionzoo", description="CoC, GPViT, GCR, GA and UDI on current PyTorch: train, evaluate, benchmark.")
@@ -144,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. model_kwargs.foo=1")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto, cuda if available)")
+    tools._profile_argument(p)
     add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
@@ -168,12 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern, e.g. 'coc*'")
     p.add_argument("--all", action="store_true", help="with models: every timm model too")
     p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("benchmark", help="inference/train throughput, parameters and GMACs (timm's method)")
-    from . import bench
-
-    bench.add_arguments(p)
-    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
@@ -205,22 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threshold", type=float, default=None, help="also draw DINO's mass-threshold masks (e.g. 0.6)")
     q.set_defaults(func=cmd_visualize)
 
-    import importlib.util
-
     for name, (module, help_text) in TOOLS.items():
-        if importlib.util.find_spec(f"{__package__}.{module}") is None:
-            continue  # not built yet
         p = sub.add_parser(name, help=help_text)
-        importlib.import_module(f".{module}", __package__).add_arguments(p)
+        if name == wanted:
+            getattr(tools, name)(p)
         p.set_defaults(func=_tool_runner(module))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
+        from .. import __version__
 
         print(__version__)
         return 0
@@ -228,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        from . import models  # noqa: F401  registers our models into timm (deferred so that --help stays fast)
+        from .. import models  # noqa: F401  registers our models into timm (deferred so that --help stays fast)
 
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # a training loop saved its state first and says how to resume

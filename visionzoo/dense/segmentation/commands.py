@@ -1,17 +1,20 @@
 """``visionzoo segment train | eval | visualize``."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ...engine.config import RecipeError, read_recipe
-from .config import SegmentationConfig, _logger
+from .config import SegmentationConfig
 from .data import ade20k_pairs, class_names, dataset_root, normalize, resize_image, test_size
 from .inference import evaluate, predict_logits
+
+_logger = logging.getLogger("visionzoo")
 
 # ----------------------------------------------------------------------------------------------------------------
 # visualisation
@@ -31,54 +34,6 @@ def overlay(img: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray
 # CLI (registered as `visionzoo segment`)
 
 HELP = "semantic segmentation (Semantic FPN, UperNet, SegFormer head) on ADE20K-layout data or embedded shapes"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...engine.config import add_config_flags
-
-    parser.description = ("Train / evaluate / visualise semantic segmentation. Recipes: visionzoo list recipes "
-                          "'segmentation/*'; segmentation/semfpn_shapes_cpu runs on CPU in a few minutes.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("train", help="train from a recipe (iteration based, exact --resume)",
-                       description="Values come from --recipe, then flags, then --set key=value. The run folder is "
-                                   "--output/--experiment (or --out RUN); --resume RUN continues it exactly.")
-    p.add_argument("--recipe", "-r", default=None, help="recipe name (segmentation/...) or YAML path; with --resume "
-                                                        "the run's own config is used")
-    p.add_argument("--out", default=None, metavar="RUN", help="the run folder itself (= --output PARENT "
-                                                              "--experiment NAME)")
-    p.add_argument("--resume", nargs="?", const="__out__", default=None, metavar="RUN",
-                   help="continue the run in folder RUN exactly (no value: the --out folder)")
-    p.add_argument("--data", dest="data_flag", default=None, metavar="ROOT", help="the same as --data-dir")
-    p.add_argument("--iters", type=int, default=None, help="the older name of --steps")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other recipe keys (YAML values)")
-    _common(p)
-    add_config_flags(p, SegmentationConfig)
-    p = sub.add_parser("eval", help="mIoU / aAcc / mAcc of a trained run on the validation split")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", help="a run folder (best/, else last/), an exported folder, a train_state.pt or "
-                                        "an older run's iter_N.pth")
-    g.add_argument("--recipe", help="evaluate the recipe's UNTRAINED model (seeded as `train` seeds it; with its "
-                                    "`pretrained` backbone if set): the learning-check baseline")
-    p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the recipe's test_mode")
-    p.add_argument("--aug-test", action="store_true",
-                   help="multi-scale + flip test as mmseg's test.py --aug-test (ratios 0.5-1.75 of img_scale; "
-                        "recipe keys aug_test_ratios, aug_test_flip)")
-    p.add_argument("--data", "--data-dir", dest="data_dir", default=None,
-                   help="ADE20K root; default: the folder the run trained on")
-    p.add_argument("--out", "--results", dest="results", default=None, help="write the metrics JSON here")
-    p.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
-    _common(p)
-    p = sub.add_parser("visualize", help="colour overlay of the predicted classes on one image")
-    p.add_argument("--checkpoint", required=True, help="a run folder, an exported folder or an older iter_N.pth")
-    p.add_argument("--image", required=True)
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--mode", choices=["whole", "slide"], default=None)
-    _common(p)
-
-
-def _common(p) -> None:
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def config_from_args(args) -> SegmentationConfig:
@@ -127,8 +82,6 @@ def _saved_config(run: Path) -> dict:
 
 
 def run(args) -> int:
-    import torch
-
     from ...engine.distributed import resolve_device
     from ...files import atomic_write_text
     from ...tasks import segment as task
@@ -137,6 +90,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.action == "train":
         cfg = config_from_args(args)
+        if args.profile:
+            from ...engine.profile import profile, report
+
+            print(report(profile(task.SegmentTask(cfg), args.profile, args.device), f"segment {cfg.head}"))
+            return 0
         resume = _resume_path(args)
         print(f"segment: {cfg.model} + {cfg.head} on {cfg.dataset}, {cfg.steps} iterations, batch {cfg.batch_size}"
               + (f", resuming {resume}" if resume else ""))
