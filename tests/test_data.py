@@ -136,10 +136,9 @@ def test_corrupt_images_counted_across_workers(digits_root, tmp_path):
 def test_all_corrupt_raises(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"junk")
-    ds = ImageFolderDataset(tmp_path)
-    with pytest.raises(RuntimeError, match="no readable image"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds[0]
+    # Refused when the dataset is built (one user error naming the folder), not at the first batch.
+    with pytest.raises(ValueError, match=f"no readable image in {tmp_path}"):
+        ImageFolderDataset(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

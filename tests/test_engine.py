@@ -325,7 +325,7 @@ def test_slurm_launch_without_torchrun_equals_torchrun(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["-b", "0"], "batch_size must be >= 1"),
     (["--epochs", "0"], "epochs must be >= 1"),
-    (["--num-classes", "0"], "num_classes must be >= 1"),
+    (["--num-classes", "0"], "num_classes) must be a whole number >= 1"),
     (["--exp", "../../escape"], "must be a plain folder name"),
     (["--device", "cuda:7"], "--device cuda:7"),
 ])

@@ -391,9 +391,11 @@ def test_recipes_load_and_cli_overrides():
 
 
 def test_cli_reports_missing_data_clearly(tmp_path, capsys):
-    rc = pc.run(_parse(["--data", f"scanobjectnn:{tmp_path}", "--out", str(tmp_path / "o"), "--device", "cpu"]))
+    from visionzoo.cli import main
+
+    rc = main(["pointcloud", "--data", f"scanobjectnn:{tmp_path}", "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert rc == 2 and "main_split" in capsys.readouterr().err
-    assert pc.run(_parse(["--out", str(tmp_path / "o"), "--device", "cpu"])) == 2
+    assert main(["pointcloud", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "--data scanobjectnn:ROOT" in capsys.readouterr().err
 
 

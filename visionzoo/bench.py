@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputNotFoundError, UserError
+
 PRECISIONS = ("float32", "amp", "amp_bfloat16", "float16", "bfloat16")
 BENCH_MODES = ("both", "infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -263,11 +265,11 @@ def benchmark_model(
     import visionzoo
 
     if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision '{precision}'. Use one of: {', '.join(PRECISIONS)}.")
+        raise UserError(f"Unknown precision '{precision}'. Use one of: {', '.join(PRECISIONS)}.")
     if bench not in BENCH_MODES:
-        raise ValueError(f"Unknown bench mode '{bench}'. Use one of: {', '.join(BENCH_MODES)}.")
+        raise UserError(f"Unknown bench mode '{bench}'. Use one of: {', '.join(BENCH_MODES)}.")
     if num_bench_iter < 1 or num_warm_iter < 0 or batch_size < 1:
-        raise ValueError("batch_size and num_bench_iter must be >= 1 and num_warm_iter >= 0.")
+        raise UserError("batch_size and num_bench_iter must be >= 1 and num_warm_iter >= 0.")
     device = torch.device(device)
 
     if isinstance(model_name, nn.Module):
@@ -332,7 +334,7 @@ def _parse_kwargs(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--model-kwargs expects key=value, got '{item}'.")
+            raise UserError(f"--model-kwargs expects key=value, got '{item}'.")
         k, v = item.split("=", 1)
         try:
             out[k] = ast.literal_eval(v)
@@ -363,7 +365,7 @@ def resolve_model_names(patterns: list[str], baseline: bool = False) -> list[str
 def _read_model_list(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--model-list file not found: {p}")
+        raise InputNotFoundError(f"--model-list file not found: {p}")
     lines = (ln.split("#", 1)[0].strip() for ln in p.read_text().splitlines())
     return [ln for ln in lines if ln]
 
@@ -376,7 +378,7 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
         if header != list(FIELDS):
-            raise ValueError(f"{path} has other columns than a `visionzoo benchmark` CSV; pick another --results-file.")
+            raise UserError(f"{path} has other columns than a `visionzoo benchmark` CSV; pick another --results-file.")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -412,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `visionzoo benchmark`; returns the exit code (1 when a model failed, 0 otherwise)."""
     patterns = list(args.model) + (_read_model_list(args.model_list) if args.model_list else [])
     if not patterns and not args.baseline:
-        raise ValueError("Nothing to benchmark: pass --model NAME [NAME ...] (or --model-list FILE).")
+        raise UserError("Nothing to benchmark: pass --model NAME [NAME ...] (or --model-list FILE).")
     jobs = [(n, False) for n in resolve_model_names(patterns)]
     jobs += [(n, True) for n in resolve_model_names(args.baseline, baseline=True)]
     model_kwargs = _parse_kwargs(args.model_kwargs)

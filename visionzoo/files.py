@@ -12,8 +12,10 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import InputNotFoundError, UserError
 
-class UnsafeCheckpointError(ValueError):
+
+class UnsafeCheckpointError(UserError):
     """A torch file that the weights-only loader refuses (it would run code) or cannot read (truncated, garbage)."""
 
 
@@ -45,12 +47,33 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[str], None]) -> P
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
-        os.replace(tmp, path)
+        publish_dir(tmp, path)
     except OSError:
         if not path.is_dir():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def publish_dir(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = False) -> Path:
+    """Rename the finished folder ``tmp`` onto ``path``. With ``replace``, a folder already there is moved aside
+    first and deleted only once the new one is in place (put back if the rename fails)."""
+    import shutil
+
+    path, old = Path(path), None
+    if replace and path.exists():
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -81,7 +104,7 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     one line that names it and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise InputNotFoundError(f"{what} not found: {path}")
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from ..engine.config import add_config_flags
+from ..errors import UserError
 from . import tools
 from .commands import cmd_demo, cmd_list, cmd_to_lmdb, cmd_train, cmd_validate, cmd_visualize
 
@@ -42,6 +42,13 @@ def _tool_runner(module: str):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the flag, and where the full usage is (not a screen of usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser for ``argv``: every command is listed, and only the tool ``argv`` runs is imported."""
     from ..engine.config import TrainConfig
@@ -49,7 +56,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = sys.argv[1:] if argv is None else argv
     wanted = next((a for a in argv if not a.startswith("-")), None)
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="visionzoo", description="CoC, GPViT, GCR, GA and UDI on current PyTorch: train, evaluate, benchmark.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -98,9 +105,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
     q = dsub.add_parser("to-lmdb", help="convert an image folder (nested classes, or flat + label file) to LMDB")
-    q.add_argument("src")
-    q.add_argument("dst")
-    q.add_argument("--label-file", default=None, help="for a flat folder: lines 'filename label'")
+    if wanted == "data":  # lmdb.py is torch-free but imports numpy and PIL: only when this command runs
+        from ..data.lmdb import add_arguments
+
+        add_arguments(q)
     q.set_defaults(func=cmd_to_lmdb)
 
     p = sub.add_parser("visualize", help="cluster maps (CoC), group maps (GPViT), attention maps (ViT)")
@@ -159,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    names = {"UnknownModelError", "CheckpointMismatchError", "RecipeError", "NonFiniteLossError"}
-    return type(e).__name__ in names or isinstance(e, (FileNotFoundError, ValueError))
+    """The library's bad-input errors (``visionzoo.errors.UserError``), or the OS refusing a path the user named.
+    Anything else is a bug and keeps its traceback."""
+    return isinstance(e, (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
 
 
 if __name__ == "__main__":

@@ -72,11 +72,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_to_lmdb(args) -> int:
-    from ..data.lmdb import convert_to_lmdb
+    from ..data.lmdb import run
 
-    n = convert_to_lmdb(args.src, args.dst, label_file=args.label_file)
-    print(f"wrote {n} records to {args.dst}")
-    return 0
+    return run(args)
 
 
 def cmd_visualize(args) -> int:

@@ -21,6 +21,25 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 METHODS = ("udi",)
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number >= ``low`` (a bad value ends in argparse's one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pretrain
 
@@ -66,9 +85,9 @@ def frozen_feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-split", default="val")
     parser.add_argument("--token", choices=TOKENS, default="auto",
                         help="feature: [CLS], [CLS+], both, or the pooled pre-logits feature (default: auto)")
-    parser.add_argument("--img-size", type=int, default=None, help="eval input size (default: the model's)")
-    parser.add_argument("--batch-size", "-b", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
+    parser.add_argument("--img-size", type=POSITIVE, default=None, help="eval input size (default: the model's)")
+    parser.add_argument("--batch-size", "-b", type=POSITIVE, default=128)
+    parser.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loader processes (default: 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--out", default=None, metavar="DIR", help="write results (CSV + JSON) into DIR")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random-init model (and of the probe)")
@@ -77,7 +96,7 @@ def frozen_feature_arguments(parser: argparse.ArgumentParser) -> None:
 def knn(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Weighted k-NN classification on frozen features (DINO protocol), for any model.")
     frozen_feature_arguments(parser)
-    parser.add_argument("--nb-knn", "-k", type=int, nargs="+", default=[10, 20, 100, 200], metavar="K",
+    parser.add_argument("--nb-knn", "-k", type=POSITIVE, nargs="+", default=[10, 20, 100, 200], metavar="K",
                         help="numbers of neighbours (default: 10 20 100 200)")
     parser.add_argument("--temperature", "-T", type=float, default=0.07, help="vote temperature (default: 0.07)")
 
@@ -85,7 +104,7 @@ def knn(parser: argparse.ArgumentParser) -> None:
 def linear(parser: argparse.ArgumentParser) -> None:
     parser.description = "Linear probe on frozen features (DINO / MAE protocol), for any model."
     frozen_feature_arguments(parser)
-    parser.add_argument("--n-last-blocks", type=int, default=None, metavar="N",
+    parser.add_argument("--n-last-blocks", type=POSITIVE, default=None, metavar="N",
                         help="concatenate the class token of the last N blocks (default: 4 for class-token ViTs, "
                              "else 1)")
     parser.add_argument("--avgpool-patchtokens", action="store_true",
@@ -93,7 +112,7 @@ def linear(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batchnorm", action="store_true",
                         help="BatchNorm without affine before the linear layer (MAE's probe): standardises "
                              "features, which badly scaled ones (e.g. of a random-init CNN) need")
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=POSITIVE, default=100)
     parser.add_argument("--lr", type=float, default=0.001, help="base lr for batch 256 (default: 0.001; UDI's "
                                                                  "README uses 0.02)")
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -120,9 +139,9 @@ def semisup(parser: argparse.ArgumentParser) -> None:
                              "overrides --percent")
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="L",
                         help="L2 strengths, each divided by the number of training samples (default: 0.01 0.1 1)")
-    parser.add_argument("--n-last-blocks", type=int, default=1, metavar="N",
+    parser.add_argument("--n-last-blocks", type=POSITIVE, default=1, metavar="N",
                         help="concatenate the class token of the last N blocks (default: 1, as UDI)")
-    parser.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per lambda (default: 500)")
+    parser.add_argument("--max-iter", type=POSITIVE, default=500, help="L-BFGS iterations per lambda (default: 500)")
     parser.add_argument("--tol", type=float, default=1e-6,
                         help="stop when the gradient's largest entry is below this (default: 1e-6)")
     parser.add_argument("--fit-dtype", choices=("float64", "float32"), default="float64",
@@ -139,10 +158,10 @@ def transfer(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", nargs="+", required=True, metavar="ROOT",
                         help="ImageFolder roots holding train/ and val/ (or LMDBs), or 'digits' (embedded)")
     parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/transfer.csv and one PNG per dataset")
-    parser.add_argument("--batch-size", "-b", type=int, default=64)
+    parser.add_argument("--batch-size", "-b", type=POSITIVE, default=64)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--workers", type=int, default=0, help="data loader processes (default: 0)")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--workers", type=NON_NEGATIVE, default=0, help="data loader processes (default: 0)")
+    parser.add_argument("--img-size", type=POSITIVE, default=None,
                         help="eval input size (default: the model's pretrained cfg)")
     parser.add_argument("--classifier", choices=("svm", "logreg"), default="svm",
                         help="linear classifier on frozen features (default: svm = LinearSVC)")
@@ -193,12 +212,12 @@ def videoseg(parser: argparse.ArgumentParser) -> None:
                    help="resize frames to this short side (0: keep the native size; default: 480 as DINO, or 0 "
                         "with --data shapes)")
     p.add_argument("--size-multiple", type=int, default=64, help="floor the long side to a multiple (default: 64)")
-    p.add_argument("--n-last-frames", type=int, default=7, help="previous frames in the context (default: 7)")
+    p.add_argument("--n-last-frames", type=POSITIVE, default=7, help="previous frames in the context (default: 7)")
     p.add_argument("--size-mask-neighborhood", type=int, default=12,
                    help="neighbourhood radius in patches (default: 12; 0: none)")
-    p.add_argument("--topk", type=int, default=5, help="neighbours kept per patch (default: 5)")
+    p.add_argument("--topk", type=POSITIVE, default=5, help="neighbours kept per patch (default: 5)")
     p.add_argument("--temperature", type=float, default=0.1, help="affinity temperature (default: 0.1)")
-    p.add_argument("--batch-size", "-b", type=int, default=8, help="frames per feature batch (default: 8)")
+    p.add_argument("--batch-size", "-b", type=POSITIVE, default=8, help="frames per feature batch (default: 8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of a random-init model")
     p.add_argument("--out", required=True, help="folder for <seq>/<frame>.png predictions and videoseg.{json,csv}")
@@ -304,7 +323,7 @@ def segment(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data", "--data-dir", dest="data_dir", default=None,
                    help="ADE20K root; default: the folder the run trained on")
     p.add_argument("--out", "--results", dest="results", default=None, help="write the metrics JSON here")
-    p.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("-j", "--workers", type=NON_NEGATIVE, default=2, help="data-loading processes")
     _device_arguments(p)
     p = sub.add_parser("visualize", help="colour overlay of the predicted classes on one image")
     p.add_argument("--checkpoint", required=True, help="a run folder, an exported folder or an older iter_N.pth")
@@ -363,9 +382,9 @@ def benchmark(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="text file with one model name or wildcard per line ('#' starts a comment)")
     parser.add_argument("--baseline", nargs="+", default=[], metavar="NAME",
                         help="plain timm models (or wildcards) benchmarked in the same run, for comparison")
-    parser.add_argument("--batch-size", "-b", type=int, default=None, metavar="N",
+    parser.add_argument("--batch-size", "-b", type=POSITIVE, default=None, metavar="N",
                         help="batch size (default: 256 on GPU like timm, 8 on CPU); reduced on out-of-memory")
-    parser.add_argument("--img-size", type=int, default=None, metavar="S",
+    parser.add_argument("--img-size", type=POSITIVE, default=None, metavar="S",
                         help="input resolution (default: the model's test input size)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="numeric precision")
     parser.add_argument("--amp", action="store_true", help="same as --precision amp (fp16 autocast)")
@@ -373,10 +392,11 @@ def benchmark(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--torchcompile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         metavar="MODE", help=f"torch.compile the model (inductor), mode: {', '.join(COMPILE_MODES)}")
     parser.add_argument("--bench", choices=BENCH_MODES, default="both", help="what to time")
-    parser.add_argument("--num-warm-iter", type=int, default=10, metavar="N", help="untimed warm-up steps")
-    parser.add_argument("--num-bench-iter", type=int, default=40, metavar="N", help="timed steps")
+    parser.add_argument("--num-warm-iter", type=NON_NEGATIVE, default=10, metavar="N", help="untimed warm-up steps")
+    parser.add_argument("--num-bench-iter", type=POSITIVE, default=40, metavar="N", help="timed steps")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size (default: the model's)")
+    parser.add_argument("--num-classes", type=NON_NEGATIVE, default=None, metavar="N",
+                        help="classifier size (0: none; default: the model's)")
     parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra model constructor arguments, e.g. drop_path_rate=0.1")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")

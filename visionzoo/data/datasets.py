@@ -13,15 +13,15 @@ import os
 import numpy as np
 from PIL import Image
 
-from .image_io import (  # noqa: F401  (re-exported: the dataset API of earlier versions)
-    IMG_EXTENSIONS, CorruptImageWarning, RobustSampleMixin, SkipTracker, _scan_class_folder, decode_image,
-    find_classes, is_image_file,
-)
+from ..errors import InputNotFoundError, UserError
+from .image_io import (IMG_EXTENSIONS,  # noqa: F401  (re-exported: the dataset API of earlier versions)
+                       CorruptImageWarning, DataError, NoReadableImagesError, RobustSampleMixin, SkipTracker,
+                       _scan_class_folder, decode_image, find_classes, is_image_file)
 from .lmdb import LMDBDataset, read_lmdb_meta
 
 __all__ = [
     "IMG_EXTENSIONS", "CorruptImageWarning", "DigitsDataset", "ImageFolderDataset", "DATASETS",
-    "build_dataset", "check_data_dir", "find_classes", "write_digits_folder", "resolve_split_path",
+    "build_dataset", "check_data_dir", "check_same_classes", "DataError", "NoReadableImagesError", "find_classes", "write_digits_folder", "resolve_split_path",
 ]
 
 DATASETS = ("digits", "folder", "lmdb", "auto")
@@ -51,11 +51,12 @@ class ImageFolderDataset(RobustSampleMixin):
         self.samples = [(p, i) for i, c in enumerate(self.classes)
                         for p in _scan_class_folder(os.path.join(self.root, c))]
         if not self.samples:
-            raise FileNotFoundError(f"no images found under {self.root} (extensions: {', '.join(IMG_EXTENSIONS)}); "
+            raise InputNotFoundError(f"no images found under {self.root} (extensions: {', '.join(IMG_EXTENSIONS)}); "
                                     f"{_layout_hint(self.root)}")
         self.targets = [t for _, t in self.samples]
         self.imgs = self.samples  # torchvision alias
         self._skips = SkipTracker(len(self.samples))
+        self._check_readable()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,23 +74,23 @@ class ImageFolderDataset(RobustSampleMixin):
 def _check_folder_root(root: str) -> None:
     """Cheap checks (no full scan) so that a wrong path fails in milliseconds, before a model is built."""
     if not os.path.exists(root):
-        raise FileNotFoundError(f"dataset folder not found: {root}; {_layout_hint(root)}")
+        raise InputNotFoundError(f"dataset folder not found: {root}; {_layout_hint(root)}")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"dataset path is not a folder: {root}; {_layout_hint(root)}")
     classes = find_classes(root)
     if not classes:
         n_img = sum(1 for f in os.listdir(root) if is_image_file(f))
         if n_img:
-            raise ValueError(
+            raise UserError(
                 f"{root} holds {n_img} images but no class sub-folders; {_layout_hint(root)}. For a flat val folder "
                 f"with a label file, convert it with `visionzoo data to-lmdb {root} DST --label-file LABELS`.")
-        raise FileNotFoundError(f"dataset folder is empty: {root}; {_layout_hint(root)}")
+        raise InputNotFoundError(f"dataset folder is empty: {root}; {_layout_hint(root)}")
     # Stop at the first image found: a full scan of ImageNet takes a while and happens in the dataset itself.
     for c in classes:
         for _dirpath, _dirnames, filenames in os.walk(os.path.join(root, c), followlinks=True):
             if any(is_image_file(f) for f in filenames):
                 return
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"dataset folder has {len(classes)} class folders but no images: {root} "
         f"(extensions: {', '.join(IMG_EXTENSIONS)}); {_layout_hint(root)}")
 
@@ -101,18 +102,18 @@ def _is_lmdb_dir(path: str) -> bool:
 def resolve_split_path(path, split: str, dataset: str = "auto") -> tuple[str, str]:
     """Return ``(kind, split_path)`` with kind 'lmdb' or 'folder', without checking the contents."""
     if path is None:
-        raise ValueError(f"dataset {dataset!r} needs a data_dir (a root holding train/ and val/); "
+        raise UserError(f"dataset {dataset!r} needs a data_dir (a root holding train/ and val/); "
                          f"use dataset 'digits' for the embedded data set")
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"data_dir not found: {path} (it should hold {split}/ or {split}.lmdb)")
+        raise InputNotFoundError(f"data_dir not found: {path} (it should hold {split}/ or {split}.lmdb)")
     candidates = [os.path.join(path, f"{split}.lmdb"), os.path.join(path, split)]
     if dataset in ("lmdb", "auto"):
         for c in candidates:
             if _is_lmdb_dir(c):
                 return "lmdb", c
         if dataset == "lmdb":
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"no LMDB for split {split!r}: neither {candidates[0]} nor {candidates[1]} holds a data.mdb; "
                 f"create one with `visionzoo data to-lmdb SRC {candidates[0]}`")
     return "folder", candidates[1]
@@ -128,10 +129,10 @@ def check_data_dir(path, split: str, dataset: str = "auto") -> str:
 
         meta = read_lmdb_meta(split_path)
         if meta["length"] == 0:
-            raise ValueError(f"LMDB dataset {split_path} holds no images")
+            raise UserError(f"LMDB dataset {split_path} holds no images")
         return split_path
     if not os.path.exists(split_path):
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"split folder not found: {split_path} (data_dir {os.fspath(path)} should hold {split}/ with one "
             f"sub-folder per class, or {split}.lmdb)")
     _check_folder_root(split_path)
@@ -195,9 +196,9 @@ class DigitsDataset:
 
     def __init__(self, split: str = "train", img_size: int = 32, transform=None, target_transform=None):
         if split not in SPLITS:
-            raise ValueError(f"unknown digits split {split!r}; valid splits: {', '.join(SPLITS)}")
+            raise UserError(f"unknown digits split {split!r}; valid splits: {', '.join(SPLITS)}")
         if int(img_size) < 8:
-            raise ValueError(f"digits img_size must be >= 8 (the native size), got {img_size}")
+            raise UserError(f"digits img_size must be >= 8 (the native size), got {img_size}")
         self.split = split
         self.img_size = int(img_size)
         self.transform = transform
@@ -257,6 +258,29 @@ def write_digits_folder(root, img_size: int = 32, max_per_class: int | None = No
 # --------------------------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------------------------
+def check_same_classes(splits: dict) -> None:
+    """Refuse splits whose class lists differ: labels are indices into each split's own sorted class list, so a
+    val folder missing one class would shift every later label by one, silently. ``splits``: {name: dataset}."""
+    items = [(name, ds) for name, ds in splits.items() if ds is not None]
+    if len(items) < 2:
+        return
+    (ref_name, ref), *rest = items
+    for name, ds in rest:
+        if list(ds.classes) != list(ref.classes):
+            a, b = set(ref.classes), set(ds.classes)
+            diff = [f"{name} lacks {sorted(a - b)[:3]}" if a - b else "",
+                    f"{name} adds {sorted(b - a)[:3]}" if b - a else ""]
+            what = "; ".join(d for d in diff if d) or "same names in another order"
+            raise DataError(
+                f"the classes of split {name!r} ({_where(ds)}) differ from those of {ref_name!r} ({_where(ref)}): "
+                f"{what}. Labels are indices into the sorted class list, so every split needs the same class "
+                f"folders (an empty folder is fine); for an LMDB, convert with --classes TRAIN_FOLDER.")
+
+
+def _where(ds) -> str:
+    return str(getattr(ds, "root", type(ds).__name__))
+
+
 def build_dataset(dataset: str, data_dir, split: str, transform, img_size: int = 32):
     """Build a split of ``dataset``: 'digits' (embedded), 'folder' (data_dir/split), 'lmdb'
     (data_dir/<split>.lmdb or an LMDB at data_dir/<split>) or 'auto' (LMDB when one is there, else folder)."""
@@ -265,7 +289,7 @@ def build_dataset(dataset: str, data_dir, split: str, transform, img_size: int =
 
         close = difflib.get_close_matches(str(dataset), DATASETS, n=2)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-        raise ValueError(f"unknown dataset {dataset!r}{hint}; valid datasets: {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {dataset!r}{hint}; valid datasets: {', '.join(DATASETS)}")
     if dataset == "digits":
         return DigitsDataset(split, img_size=img_size, transform=transform)
     split_path = check_data_dir(data_dir, split, dataset)

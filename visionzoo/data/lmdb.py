@@ -21,15 +21,16 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 import warnings
 
 import numpy as np
 
-from .image_io import (
-    IMG_EXTENSIONS, CorruptImageWarning, RobustSampleMixin, SkipTracker, _scan_class_folder, decode_image,
-    find_classes, is_image_file,
-)
+from ..errors import InputNotFoundError, MissingDependencyError, UserError
+from ..files import publish_dir
+from .image_io import (IMG_EXTENSIONS, CorruptImageWarning, DataError, NoReadableImagesError, RobustSampleMixin,
+                       SkipTracker, _scan_class_folder, decode_image, find_classes, is_image_file)
 
 __all__ = ["convert_to_lmdb", "LMDBDataset", "read_lmdb_meta", "parse_label_file", "add_arguments", "run"]
 
@@ -44,7 +45,7 @@ def _import_lmdb():
     try:
         import lmdb
     except ImportError as e:
-        raise ImportError("LMDB datasets need the 'lmdb' package: pip install 'visionzoo[lmdb]' "
+        raise MissingDependencyError("LMDB datasets need the 'lmdb' package: pip install 'visionzoo[lmdb]' "
                           "(or pip install lmdb)") from e
     return lmdb
 
@@ -76,10 +77,15 @@ def parse_label_file(path) -> list[tuple[str, str]]:
     """Read ``(filename, label_token)`` pairs; blank lines and ``#`` comments are ignored."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"label file not found: {path}")
+        raise InputNotFoundError(f"label file not found: {path}")
     pairs = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"label file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                            f"{_LABEL_FORMAT}") from None
+        for lineno, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -87,10 +93,10 @@ def parse_label_file(path) -> list[tuple[str, str]]:
             if len(parts) != 2 and len(line.split(",")) == 2:
                 parts = line.split(",")
             if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-                raise ValueError(f"cannot parse line {lineno} of label file {path}: {line[:200]!r}; {_LABEL_FORMAT}")
+                raise UserError(f"cannot parse line {lineno} of label file {path}: {line[:200]!r}; {_LABEL_FORMAT}")
             pairs.append((parts[0].strip(), parts[1].strip()))
     if not pairs:
-        raise ValueError(f"label file {path} has no entries; {_LABEL_FORMAT}")
+        raise UserError(f"label file {path} has no entries; {_LABEL_FORMAT}")
     return pairs
 
 
@@ -103,15 +109,15 @@ def _load_classes(classes) -> list[str] | None:
     if os.path.isdir(path):
         names = find_classes(path)
         if not names:
-            raise ValueError(f"--classes folder {path} has no class sub-folders")
+            raise UserError(f"--classes folder {path} has no class sub-folders")
         return names
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             names = [ln.split()[0] for ln in f if ln.strip() and not ln.startswith("#")]
         if not names:
-            raise ValueError(f"--classes file {path} lists no class names")
+            raise UserError(f"--classes file {path} lists no class names")
         return names
-    raise FileNotFoundError(f"--classes path not found: {path} (give a folder with one sub-folder per class, "
+    raise InputNotFoundError(f"--classes path not found: {path} (give a folder with one sub-folder per class, "
                             f"e.g. the train split, or a text file with one class name per line)")
 
 
@@ -124,7 +130,7 @@ def _samples_from_label_file(src: str, label_file, classes) -> tuple[list[tuple[
         if classes is None:
             classes = [str(i) for i in range(max(labels) + 1)]
         if max(labels) >= len(classes):
-            raise ValueError(f"label {max(labels)} in {label_file} is out of range for {len(classes)} classes; labels "
+            raise UserError(f"label {max(labels)} in {label_file} is out of range for {len(classes)} classes; labels "
                              f"must be 0-based indices into the class list (pass --classes to give the list)")
     elif not any(is_int):
         if classes is None:
@@ -132,12 +138,12 @@ def _samples_from_label_file(src: str, label_file, classes) -> tuple[list[tuple[
         idx = {c: i for i, c in enumerate(classes)}
         unknown = sorted(set(tokens) - idx.keys())
         if unknown:
-            raise ValueError(f"{len(unknown)} class names in {label_file} are not in the class list, e.g. "
+            raise UserError(f"{len(unknown)} class names in {label_file} are not in the class list, e.g. "
                              f"{unknown[:5]}")
         labels = [idx[t] for t in tokens]
     else:
         bad = next(t for t, i in zip(tokens, is_int) if not i)
-        raise ValueError(f"label file {label_file} mixes class indices and class names (e.g. {bad!r}); "
+        raise UserError(f"label file {label_file} mixes class indices and class names (e.g. {bad!r}); "
                          f"{_LABEL_FORMAT}")
 
     samples, missing = [], []
@@ -152,7 +158,7 @@ def _samples_from_label_file(src: str, label_file, classes) -> tuple[list[tuple[
                 continue
         samples.append((path, label))
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(pairs)} files listed in {label_file} are not in {src}, "
+        raise InputNotFoundError(f"{len(missing)} of {len(pairs)} files listed in {label_file} are not in {src}, "
                                 f"e.g. {missing[:3]}; check SRC and the label file")
     listed = {os.path.abspath(p) for p, _ in samples}
     unlisted = sum(1 for f in os.listdir(src)
@@ -167,19 +173,19 @@ def _samples_from_class_folders(src: str, classes) -> tuple[list[tuple[str, int]
     if not folders:
         n_img = sum(1 for f in os.listdir(src) if is_image_file(f))
         if n_img:
-            raise ValueError(f"{src} is a flat folder of {n_img} images: pass a label file (--label-file F, "
+            raise UserError(f"{src} is a flat folder of {n_img} images: pass a label file (--label-file F, "
                              f"{_LABEL_FORMAT}), or arrange it as {src}/<class_name>/<image>")
-        raise FileNotFoundError(f"no images in {src}: expected {src}/<class_name>/<image> or a flat folder with "
+        raise InputNotFoundError(f"no images in {src}: expected {src}/<class_name>/<image> or a flat folder with "
                                 f"a label file")
     if classes is None:
         classes = folders
     idx = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in folders if c not in idx]
     if unknown:
-        raise ValueError(f"class folders of {src} not in the given class list: {unknown[:5]}")
+        raise UserError(f"class folders of {src} not in the given class list: {unknown[:5]}")
     samples = [(p, idx[c]) for c in folders for p in _scan_class_folder(os.path.join(src, c))]
     if not samples:
-        raise FileNotFoundError(f"no images under {src} (extensions: {', '.join(IMG_EXTENSIONS)})")
+        raise InputNotFoundError(f"no images under {src} (extensions: {', '.join(IMG_EXTENSIONS)})")
     return samples, classes
 
 
@@ -210,16 +216,8 @@ def convert_to_lmdb(src, dst, label_file=None, map_size=None, progress=True, cla
     lmdb = _import_lmdb()
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"source folder not found: {src}")
-    if os.path.isfile(dst):
-        raise FileExistsError(f"LMDB destination {dst} is a file; give a directory path")
-    if os.path.exists(os.path.join(dst, "data.mdb")):
-        _release_env(dst)
-        if not overwrite:
-            raise FileExistsError(f"an LMDB already exists at {dst}; pass --overwrite (overwrite=True) to replace it")
-        for f in ("data.mdb", "lock.mdb"):
-            if os.path.exists(os.path.join(dst, f)):
-                os.remove(os.path.join(dst, f))
+        raise InputNotFoundError(f"source folder not found: {src}")
+    replace = _check_destination(dst, overwrite)
     classes = _load_classes(classes)
     if label_file is not None:
         samples, classes = _samples_from_label_file(src, label_file, classes)
@@ -230,8 +228,58 @@ def convert_to_lmdb(src, dst, label_file=None, map_size=None, progress=True, cla
         # Values above ~2 KB take whole 4 KB overflow pages, hence the per-record allowance; doubled if too small.
         total = sum(os.path.getsize(p) for p, _ in samples)
         map_size = int(total * 1.1) + 4608 * len(samples) + (16 << 20)
-    os.makedirs(dst, exist_ok=True)
-    env = lmdb.open(dst, map_size=int(map_size), subdir=True, meminit=False, map_async=True)
+    # Written into a hidden sibling folder and renamed onto dst only when complete: an existing LMDB stays
+    # readable (and intact, should the conversion fail or be interrupted) until the new one replaces it.
+    tmp = _sibling(dst, "tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        n = _write_records(lmdb, tmp, src, dst, samples, classes, label_file, map_size, progress, verify)
+        _publish(tmp, dst, replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return n
+
+
+class LMDBExistsError(FileExistsError, UserError):
+    """The destination of ``to-lmdb`` already holds something (a ValueError too: the CLI shows it as one line)."""
+
+
+def _sibling(dst: str, tag: str) -> str:
+    parent, name = os.path.split(os.path.abspath(dst.rstrip(os.sep) or dst))
+    return os.path.join(parent, f".{name}.{tag}{os.getpid()}")
+
+
+def _check_destination(dst: str, overwrite: bool) -> bool:
+    """Refuse a destination that is not ours to replace; True when an existing LMDB will be replaced."""
+    if os.path.isfile(dst):
+        raise LMDBExistsError(f"LMDB destination {dst} is a file; give a directory path, e.g. {dst}.lmdb")
+    if not os.path.isdir(dst):
+        return False
+    if os.path.isfile(os.path.join(dst, "data.mdb")):
+        if not overwrite:
+            raise LMDBExistsError(f"an LMDB already exists at {dst}; pass --overwrite (overwrite=True) to replace "
+                                  f"it, or give another DST")
+        others = sorted(set(os.listdir(dst)) - {"data.mdb", "lock.mdb"})
+        if others:  # replacing the folder would delete them
+            raise LMDBExistsError(f"{dst} holds an LMDB and other files ({', '.join(others[:3])}); --overwrite "
+                                  f"replaces only a folder holding nothing but data.mdb/lock.mdb: move them first")
+        return True
+    if os.listdir(dst):
+        raise LMDBExistsError(f"LMDB destination {dst} is a folder that is not empty and holds no LMDB; give a new "
+                              f"or empty directory path (nothing is overwritten there, not even with --overwrite)")
+    return True  # an empty folder: replaced like an LMDB
+
+
+def _publish(tmp: str, dst: str, replace: bool) -> None:
+    """Rename the finished ``tmp`` onto ``dst``; an old LMDB there is moved aside first, then deleted."""
+    if replace:
+        _release_env(dst)  # our own reader of the old LMDB, if any
+    publish_dir(tmp, dst, replace=replace)
+
+
+def _write_records(lmdb, folder, src, dst, samples, classes, label_file, map_size, progress, verify) -> int:
+    env = lmdb.open(folder, map_size=int(map_size), subdir=True, meminit=False, map_async=True)
 
     def put_all(items):
         while True:
@@ -281,7 +329,8 @@ def convert_to_lmdb(src, dst, label_file=None, map_size=None, progress=True, cla
             bar.close()
         env.close()
     if not labels:
-        raise ValueError(f"no readable images in {src} ({len(skipped)} unreadable)")
+        raise NoReadableImagesError(f"no readable images in {src}: all {len(skipped)} files failed to parse "
+                                    f"(e.g. {skipped[0]}); nothing was written to {dst}")
     return len(labels)
 
 
@@ -325,22 +374,27 @@ def read_lmdb_meta(path, with_labels: bool = False) -> dict:
     """Metadata of a visionzoo LMDB (``labels`` added as a list of int when ``with_labels``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"LMDB dataset not found: {path}")
+        raise InputNotFoundError(f"LMDB dataset not found: {path}")
     if not os.path.isfile(os.path.join(path, "data.mdb")):
-        raise FileNotFoundError(f"{path} is not an LMDB directory (no data.mdb); create one with "
+        raise InputNotFoundError(f"{path} is not an LMDB directory (no data.mdb); create one with "
                                 f"`visionzoo data to-lmdb SRC {path}`")
-    with _shared_env(path).begin() as txn:
+    try:
+        env = _shared_env(path)
+    except _import_lmdb().Error as e:  # a damaged or foreign data.mdb
+        raise DataError(f"cannot open the LMDB at {path} ({type(e).__name__}: {e}); rebuild it with "
+                        f"`visionzoo data to-lmdb SRC {path} --overwrite`") from None
+    with env.begin() as txn:
         raw = txn.get(META_KEY)
         if raw is None:
             if txn.get(b"total") is not None:
-                raise ValueError(
+                raise UserError(
                     f"{path} looks like an LMDB from GPViT's create_lmdb_dataset.py (file-name keys, no labels); "
                     f"rebuild it from the image folder with `visionzoo data to-lmdb SRC {path} --overwrite`")
-            raise ValueError(f"{path} is not a complete visionzoo LMDB (no metadata record: an interrupted "
+            raise UserError(f"{path} is not a complete visionzoo LMDB (no metadata record: an interrupted "
                              f"conversion?); rebuild it with `visionzoo data to-lmdb SRC {path} --overwrite`")
         meta = json.loads(bytes(raw).decode("utf-8"))
         if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-            raise ValueError(f"{path}: unsupported LMDB format {meta.get('format')!r} v{meta.get('version')}; "
+            raise UserError(f"{path}: unsupported LMDB format {meta.get('format')!r} v{meta.get('version')}; "
                              f"this visionzoo reads {FORMAT} v{VERSION}")
         if with_labels:
             meta["labels"] = np.frombuffer(txn.get(LABELS_KEY), dtype="<i4").tolist()
@@ -361,6 +415,7 @@ class LMDBDataset(RobustSampleMixin):
         self.transform = transform
         self.target_transform = target_transform
         self._skips = SkipTracker(len(self.targets))
+        self._check_readable()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -396,7 +451,7 @@ class LMDBDataset(RobustSampleMixin):
 def _parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise ValueError(f"cannot read size {text!r}: use bytes or a suffix K/M/G/T, e.g. 200G")
+        raise UserError(f"cannot read size {text!r}: use bytes or a suffix K/M/G/T, e.g. 200G")
     return int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform, resolve_data_config
 
+from ..errors import UserError
+
 __all__ = ["build_train_transform", "build_eval_transform", "build_mixup", "resolve_eval_config"]
 
 
@@ -33,7 +35,7 @@ def resolve_eval_config(model=None, img_size=None, crop_pct=None, interpolation=
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)[-2:]
         args["input_size"] = (3, *size)
     if model is None and all(v is None for v in args.values()):
-        raise ValueError("build_eval_transform needs a model (its pretrained cfg) or at least img_size")
+        raise UserError("build_eval_transform needs a model (its pretrained cfg) or at least img_size")
     return resolve_data_config(args, model=_base_model(model) if model is not None else None)
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 __all__ = ["DenseBackbone", "SimplePyramid", "build_backbone", "NECKS"]
 
 NECKS = ("auto", "native", "simple", "adapter", "adapter_single")
@@ -65,12 +67,12 @@ class DenseBackbone(nn.Module):
     def keep_levels(self, levels: Sequence[int]) -> "DenseBackbone":
         """Return only these output levels from now on and drop what only the others used (so every parameter
         still gets a gradient, e.g. RetinaNet, which starts at stride 8)."""
-        raise ValueError(f"{type(self).__name__} cannot drop output levels")
+        raise UserError(f"{type(self).__name__} cannot drop output levels")
 
     def _select(self, levels: Sequence[int]) -> list[int]:
         levels = list(levels)
         if not levels or any(not 0 <= i < len(self.strides) for i in levels):
-            raise ValueError(f"levels {levels} out of range for {len(self.strides)} maps")
+            raise UserError(f"levels {levels} out of range for {len(self.strides)} maps")
         self.out_channels = [self.out_channels[i] for i in levels]
         self.strides = [self.strides[i] for i in levels]
         return levels
@@ -90,7 +92,7 @@ class SimplePyramid(nn.Module):
             if s < in_stride:
                 k = int(round(math.log2(in_stride / s)))
                 if 2 ** k * s != in_stride:
-                    raise ValueError(f"stride {in_stride} cannot be upsampled to {s} by powers of 2")
+                    raise UserError(f"stride {in_stride} cannot be upsampled to {s} by powers of 2")
                 layers: list[nn.Module] = []
                 for j in range(k):
                     if j:
@@ -102,7 +104,7 @@ class SimplePyramid(nn.Module):
             else:
                 f = s // in_stride
                 if f * in_stride != s:
-                    raise ValueError(f"stride {in_stride} cannot be pooled to {s}")
+                    raise UserError(f"stride {in_stride} cannot be pooled to {s}")
                 self.ops.append(nn.MaxPool2d(kernel_size=f, stride=f))
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -117,6 +119,7 @@ class _NativeBackbone(DenseBackbone):
         n_levels = len(model.feature_info)
         if out_indices is None:  # every level from stride 4 on (timm CNNs also list a stride-2 stem map)
             out_indices = tuple(i for i in range(n_levels) if model.feature_info[i]["reduction"] >= 4)
+        _check_indices(type(model).__name__, out_indices, n_levels, "feature levels")
         if hasattr(model, "forward_intermediates"):
             # prune what the maps do not need (later stages, classifier) so every parameter is trained
             take = model.prune_intermediate_layers(list(out_indices), prune_norm=True, prune_head=True)
@@ -137,7 +140,7 @@ class _NativeBackbone(DenseBackbone):
     def keep_levels(self, levels):
         levels = self._select(levels)
         if not self._getter:
-            raise ValueError("this timm model has no forward_intermediates: pass out_indices instead")
+            raise UserError("this timm model has no forward_intermediates: pass out_indices instead")
         for j, i in enumerate(self.indices):
             # a dropped level's own output norm (CoC fork_feat norm{i}, official FORK_LAST3) becomes unused
             name = self.body.feature_info[i]["module"]
@@ -159,7 +162,7 @@ class _ViTMaps(nn.Module):
     def __init__(self, vit: nn.Module, indices: Sequence[int]):
         super().__init__()
         if not isinstance(getattr(vit.patch_embed, "proj", None), nn.Conv2d):
-            raise ValueError(f"{type(vit).__name__}: only ViTs with a convolutional patch embedding (patch_embed.proj) "
+            raise UserError(f"{type(vit).__name__}: only ViTs with a convolutional patch embedding (patch_embed.proj) "
                              f"are supported as dense backbones")
         self.vit = vit
         self.indices = sorted(set(int(i) for i in indices))
@@ -261,7 +264,7 @@ class _AdapterBackbone(DenseBackbone):
     def keep_levels(self, levels):
         if list(levels) == list(range(len(self.strides))):
             return self
-        raise ValueError("the GPViT adapter's output levels are fixed: use neck='adapter_single' (strides 8/16/32) "
+        raise UserError("the GPViT adapter's output levels are fixed: use neck='adapter_single' (strides 8/16/32) "
                          "for RetinaNet and neck='adapter' (4/8/16/32) for Mask R-CNN")
 
     def forward_maps(self, x):
@@ -271,6 +274,14 @@ class _AdapterBackbone(DenseBackbone):
 def _even_indices(depth: int, n: int = 4) -> list[int]:
     """n layers spread over depth, ending with the last ((2, 5, 8, 11) for 12 layers)."""
     return [max(0, round((k + 1) * depth / n) - 1) for k in range(n)]
+
+
+def _check_indices(model: str, idx, count: int, what: str = "blocks") -> None:
+    """out_indices written for a deeper model (a recipe's [2, 5, 8, 11] on a 4-block test model) name the fix."""
+    bad = [i for i in idx if not -count <= int(i) < count]
+    if bad:
+        raise UserError(f"{model} has {count} {what}; out_indices must be < {count}, got {list(idx)}: set "
+                         f"out_indices for this backbone (e.g. --set \"out_indices={_even_indices(count)}\").")
 
 
 def _checkpoint_path(checkpoint: str | None) -> str | None:
@@ -307,7 +318,7 @@ def build_backbone(model: str, *, neck: str = "auto", out_indices=None, checkpoi
     import visionzoo
 
     if neck not in NECKS:
-        raise ValueError(f"unknown neck {neck!r}: use one of {', '.join(NECKS)}")
+        raise UserError(f"unknown neck {neck!r}: use one of {', '.join(NECKS)}")
     kwargs = dict(model_kwargs or {})
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -334,6 +345,7 @@ def build_backbone(model: str, *, neck: str = "auto", out_indices=None, checkpoi
             depth = len(timm.create_model(model, **kwargs).blocks)
         idx = list(out_indices) if out_indices is not None else (
             [2, 5, 8, 11] if depth == 12 else _even_indices(depth))
+        _check_indices(model, idx, depth)
         kwargs.setdefault("out_norms", tuple(sorted(set(i for i in idx if i != depth - 1))))
     entry_module = timm.models.model_entrypoint(model).__module__
     if entry_module == "visionzoo.models.context_cluster" and model != "coc_pointmlp":
@@ -344,12 +356,13 @@ def build_backbone(model: str, *, neck: str = "auto", out_indices=None, checkpoi
 
     if _is_vit(net):
         if neck == "native":
-            raise ValueError(f"{model} is single-scale (a ViT): use neck='simple' (or 'auto')")
+            raise UserError(f"{model} is single-scale (a ViT): use neck='simple' (or 'auto')")
         depth = len(net.blocks)
         idx = list(out_indices) if out_indices is not None else (
             [3, 5, 7, 11] if depth == 12 else _even_indices(depth))
+        _check_indices(model, idx, depth)
         if len(idx) != 4:
-            raise ValueError(f"neck='simple' takes 4 layer indices (one per stride 4/8/16/32), got {idx}")
+            raise UserError(f"neck='simple' takes 4 layer indices (one per stride 4/8/16/32), got {idx}")
         maps = _ViTMaps(net, idx)
         stride = maps.patch
         return _finish(_SimpleBackbone(maps, idx, maps.dim, stride, size_divisor=stride), model, net)
@@ -363,12 +376,12 @@ def build_backbone(model: str, *, neck: str = "auto", out_indices=None, checkpoi
             bb.size_divisor = 16
             return _finish(bb, model, net)
         if len(idx) != 4:
-            raise ValueError(f"neck='simple' takes 4 layer indices (one per stride 4/8/16/32), got {idx}")
+            raise UserError(f"neck='simple' takes 4 layer indices (one per stride 4/8/16/32), got {idx}")
         maps = _GPViTLayerMaps(net, idx)
         return _finish(_SimpleBackbone(maps, idx, net.embed_dim, 8, size_divisor=16), model, net)
 
     if neck == "simple":
-        raise ValueError(f"{model} is multi-scale: use neck='native' (or 'auto'); 'simple' is for ViTs and GPViT")
+        raise UserError(f"{model} is multi-scale: use neck='native' (or 'auto'); 'simple' is for ViTs and GPViT")
     step = net.size_step() if hasattr(net, "size_step") else 32
     return _finish(_NativeBackbone(net, out_indices, size_divisor=step), model, net)
 

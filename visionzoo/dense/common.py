@@ -9,6 +9,8 @@ from typing import Iterable
 
 import torch
 
+from ..errors import UserError
+
 
 def param_groups(model, weight_decay: float, no_decay_keys: Iterable[str] = (),
                  lr_mults: dict[str, float] | None = None) -> list[dict]:
@@ -40,4 +42,4 @@ def mmcv_optimizer(model, lr: float, opt: str, weight_decay: float, no_decay_key
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     if opt == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"opt must be 'adamw' or 'sgd', got {opt!r}")
+    raise UserError(f"opt must be 'adamw' or 'sgd', got {opt!r}")

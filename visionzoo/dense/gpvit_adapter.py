@@ -28,8 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from ..errors import UserError
 
 __all__ = ["MultiScaleDeformableAttention", "ms_deform_attn_sample", "GPViTAdapter", "adapter_checkpoint_filter_fn",
            "reference_points", "OFFICIAL_INTERACTION_INDEXES", "NO_WEIGHT_DECAY_KEYWORDS"]
@@ -98,7 +100,7 @@ class MultiScaleDeformableAttention(nn.Module):
         super().__init__()
         vdim = int(dim * value_ratio)
         if vdim % num_heads:
-            raise ValueError(f"MultiScaleDeformableAttention: value width {vdim} must be divisible by num_heads "
+            raise UserError(f"MultiScaleDeformableAttention: value width {vdim} must be divisible by num_heads "
                              f"{num_heads}; pick num_heads dividing {vdim}.")
         self.dim, self.num_heads, self.num_levels, self.num_points = dim, num_heads, num_levels, num_points
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
@@ -140,9 +142,9 @@ class MultiScaleDeformableAttention(nn.Module):
         B, Lq, _ = query.shape
         L, P, nh = self.num_levels, self.num_points, self.num_heads
         if len(shapes) != L:
-            raise ValueError(f"MultiScaleDeformableAttention has {L} level(s) but got {len(shapes)} shapes {shapes}")
+            raise UserError(f"MultiScaleDeformableAttention has {L} level(s) but got {len(shapes)} shapes {shapes}")
         if ref_points.shape[-1] != 2:
-            raise ValueError("reference points must be (x, y) points, last dim 2 (reference boxes are not supported)")
+            raise UserError("reference points must be (x, y) points, last dim 2 (reference boxes are not supported)")
         v = self.value_proj(value)
         v = v.view(B, v.shape[1], nh, v.shape[-1] // nh)
         off = self.sampling_offsets(query).view(B, Lq, nh, L, P, 2)
@@ -327,14 +329,14 @@ class GPViTAdapter(nn.Module):
 
         for k in ("num_classes", "global_pool", "final_norm"):
             if k in kwargs:
-                raise ValueError(f"GPViTAdapter sets {k} of the GPViT itself (no classifier, no final norm); "
+                raise UserError(f"GPViTAdapter sets {k} of the GPViT itself (no classifier, no final norm); "
                                  f"remove {k}={kwargs[k]!r}.")
         from timm.models import is_model, model_entrypoint
 
         drop_path_rate = 0.1 if drop_path_rate is None else float(drop_path_rate)
 
         if not is_model(model_name) or model_entrypoint(model_name).__module__ != GPViT.__module__:
-            raise ValueError(f"GPViTAdapter wraps a GPViT (gpvit_l1, gpvit_l2, gpvit_l3, gpvit_l4 or gpvit_test); "
+            raise UserError(f"GPViTAdapter wraps a GPViT (gpvit_l1, gpvit_l2, gpvit_l3, gpvit_l4 or gpvit_test); "
                              f"got {model_name!r}. Use neck='simple' or 'native' for other backbones.")
         vit = create_model(model_name, num_classes=0, global_pool="", final_norm=False, drop_path_rate=drop_path_rate,
                            **kwargs)
@@ -347,7 +349,7 @@ class GPViTAdapter(nn.Module):
         idx = _default_interaction_indexes(depth) if interaction_indexes is None else \
             [tuple(int(i) for i in g) for g in interaction_indexes]
         if [i for lo, hi in idx for i in range(lo, hi + 1)] != list(range(depth)):
-            raise ValueError(f"interaction_indexes {idx} must cover the {depth} GPViT layers in order, e.g. "
+            raise UserError(f"interaction_indexes {idx} must cover the {depth} GPViT layers in order, e.g. "
                              f"{_default_interaction_indexes(depth)}.")
         self.interaction_indexes = idx
         if conv_inplane is None:
@@ -414,7 +416,7 @@ class GPViTAdapter(nn.Module):
         if H % d or W % d or H < d or W < d:
             def up(v):
                 return max(d, -(-v // d) * d)
-            raise ValueError(f"GPViTAdapter takes inputs whose height and width are multiples of {d} (at least "
+            raise UserError(f"GPViTAdapter takes inputs whose height and width are multiples of {d} (at least "
                              f"{d}x{d}), e.g. 512x512 or 800x1344; got {H}x{W}. Pad to {up(H)}x{up(W)} (the "
                              f"detection/segmentation input side pads to size_divisor={d}).")
 

@@ -32,9 +32,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import InputNotFoundError, UserError
 
 RESOLUTION = "480p"
 
@@ -62,7 +64,7 @@ def read_indexed_png(path) -> tuple[np.ndarray, np.ndarray]:
     """(labels uint8 HxW, palette uint8 [256, 3]) of a palette PNG (an RGB PNG is an error naming the file)."""
     with Image.open(path) as img:
         if img.mode != "P":
-            raise ValueError(f"{path} is a {img.mode} image; DAVIS annotations are palette (mode P) PNGs whose "
+            raise UserError(f"{path} is a {img.mode} image; DAVIS annotations are palette (mode P) PNGs whose "
                              f"pixel values are the object ids")
         pal = np.zeros((256, 3), dtype=np.uint8)
         raw = np.asarray(img.getpalette() or [], dtype=np.uint8)[:768].reshape(-1, 3)
@@ -213,7 +215,7 @@ def render_video(seed: int, n_frames: int = 16, size: tuple[int, int] = (96, 128
     from PIL import ImageDraw
 
     if style not in STYLES:
-        raise ValueError(f"unknown video style {style!r}; choose one of {', '.join(STYLES)}")
+        raise UserError(f"unknown video style {style!r}; choose one of {', '.join(STYLES)}")
     if style == "texture":
         return _render_texture(seed, n_frames, size, max_objects)
     if style == "lighting":
@@ -300,14 +302,14 @@ def frames_to_image_folder(root, dest, split: str = "val", val_every: int = 12) 
 def list_sequences(root, split: str = "val", sequences=None) -> list[str]:
     root = Path(root)
     if not (root / "JPEGImages" / RESOLUTION).is_dir():
-        raise FileNotFoundError(f"{root} is not a DAVIS-2017 root: {root}/JPEGImages/{RESOLUTION}/<sequence>/ is "
+        raise InputNotFoundError(f"{root} is not a DAVIS-2017 root: {root}/JPEGImages/{RESOLUTION}/<sequence>/ is "
                                 f"missing (pass the folder holding JPEGImages/, Annotations/ and ImageSets/, or "
                                 f"'shapes' for the embedded videos)")
     if sequences:
         return list(sequences)
     split_file = root / "ImageSets" / "2017" / f"{split}.txt"
     if not split_file.is_file():
-        raise FileNotFoundError(f"split file not found: {split_file} (DAVIS-2017 lists its sequences in "
+        raise InputNotFoundError(f"split file not found: {split_file} (DAVIS-2017 lists its sequences in "
                                 f"ImageSets/2017/{{train,val}}.txt; or name them with --sequences)")
     return [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
 
@@ -317,11 +319,11 @@ def sequence_files(root, seq: str) -> tuple[list[Path], list[Path]]:
     root = Path(root)
     frames = sorted((root / "JPEGImages" / RESOLUTION / seq).glob("*.jpg"))
     if not frames:
-        raise FileNotFoundError(f"no frames for sequence {seq!r}: {root}/JPEGImages/{RESOLUTION}/{seq}/*.jpg")
+        raise InputNotFoundError(f"no frames for sequence {seq!r}: {root}/JPEGImages/{RESOLUTION}/{seq}/*.jpg")
     ann_dir = root / "Annotations" / RESOLUTION / seq
     anns = [ann_dir / (f.stem + ".png") for f in frames]
     if not anns[0].is_file():
-        raise FileNotFoundError(f"the first frame's annotation {anns[0]} is missing (label propagation starts "
+        raise InputNotFoundError(f"the first frame's annotation {anns[0]} is missing (label propagation starts "
                                 f"from it)")
     return frames, anns
 
@@ -338,7 +340,7 @@ def target_size(h: int, w: int, short_side: int, multiple: int, patch: int) -> t
         th, tw = h, w
     th, tw = th // patch * patch, tw // patch * patch
     if th < patch or tw < patch:
-        raise ValueError(f"frames of {h}x{w} resized with --short-side {short_side} --size-multiple {multiple} "
+        raise UserError(f"frames of {h}x{w} resized with --short-side {short_side} --size-multiple {multiple} "
                          f"leave no whole patch of {patch} pixels; use a larger --short-side")
     return th, tw
 
@@ -356,10 +358,10 @@ def load_vit(model_name: str | None, checkpoint: str | None, seed: int = 0):
     except TypeError as e:
         if "dynamic_img_size" not in str(e):
             raise
-        raise ValueError(f"videoseg needs a ViT (patch tokens at any frame size); {model_name} does not take "
+        raise UserError(f"videoseg needs a ViT (patch tokens at any frame size); {model_name} does not take "
                          f"dynamic_img_size") from None
     if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
-        raise ValueError(f"videoseg needs a ViT with patch tokens; {model_name} is a {type(model).__name__}")
+        raise UserError(f"videoseg needs a ViT with patch tokens; {model_name} is a {type(model).__name__}")
     return model
 
 
@@ -423,8 +425,9 @@ def _norm_mask(seg):
 
 
 def _load_frame(path, size: tuple[int, int], mean, std):
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    from ..data.image_io import decode_image  # the one decoder: 16-bit and other modes scaled, not clipped
+
+    arr = np.asarray(decode_image(path), dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)[None]
     if tuple(x.shape[-2:]) != tuple(size):  # cv2.resize INTER_LINEAR as DINO: bilinear, no antialias
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -570,7 +573,7 @@ def score_sequence(gt: np.ndarray, pred: np.ndarray, n_objects: int | None = Non
     the first and the last. ``gt`` / ``pred``: uint8 ``[T, H, W]`` label maps; ``void_label`` pixels are ignored."""
     gt, pred = np.asarray(gt), np.asarray(pred)
     if gt.shape != pred.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from the annotations' {gt.shape}")
+        raise UserError(f"prediction shape {pred.shape} differs from the annotations' {gt.shape}")
     first = gt[0][gt[0] != void_label]
     n_objects = n_objects if n_objects is not None else int(first.max()) if first.size else 0
     gt_m, pred_m = gt[1:-1], pred[1:-1]
@@ -615,12 +618,12 @@ def score_folder(root, results_dir, sequences: list[str]) -> dict:
         frames, anns = sequence_files(root, seq)
         missing = [a for a in anns if not a.is_file()]
         if missing:
-            raise FileNotFoundError(f"sequence {seq}: {len(missing)} annotation PNGs missing (e.g. {missing[0]}); "
+            raise InputNotFoundError(f"sequence {seq}: {len(missing)} annotation PNGs missing (e.g. {missing[0]}); "
                                     f"the score needs every frame annotated (DAVIS val is)")
         res = [Path(results_dir) / seq / a.name for a in anns]
         absent = [r for r in res if not r.is_file()]
         if absent:
-            raise FileNotFoundError(f"no prediction {absent[0]} ({len(absent)} missing for {seq})")
+            raise InputNotFoundError(f"no prediction {absent[0]} ({len(absent)} missing for {seq})")
         for o in score_sequence(read_labels(anns), read_labels(res)):
             per_object.append({"sequence": seq, **o})
     return summarize(per_object)
@@ -685,9 +688,9 @@ def run(args) -> int:
         args.short_side = 0 if args.data == "shapes" else 480
     for name in ("n_last_frames", "size_mask_neighborhood", "short_side"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if args.topk < 1 or args.temperature <= 0 or args.size_multiple < 1 or args.batch_size < 1:
-        raise ValueError("--topk, --size-multiple and --batch-size must be >= 1 and --temperature > 0")
+        raise UserError("--topk, --size-multiple and --batch-size must be >= 1 and --temperature > 0")
     from ..engine.knn import resolve_device
 
     root = _resolve_data(args, args.out)

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..errors import ConfigError
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _logger = logging.getLogger("visionzoo")
 
@@ -86,6 +88,11 @@ class RunConfig:
                 raise RecipeError(f"{name} must be >= 1 (or unset), got {v}.")
         if self.workers < 0:
             raise RecipeError(f"workers must be >= 0, got {self.workers}.")
+        if self.lr is not None and not float(self.lr) >= 0:
+            raise RecipeError(f"lr must be >= 0 (or unset: lr_base x global batch / lr_base_size), got {self.lr}.")
+        if not float(self.lr_base) > 0 or int(self.lr_base_size) < 1:
+            raise RecipeError(f"lr_base must be > 0 and lr_base_size >= 1, got {self.lr_base} and "
+                              f"{self.lr_base_size}.")
         task = {f.name: f.default for f in dataclasses.fields(self)}.get("task")
         if task is not None and self.task != task:
             raise RecipeError(f"this is a {self.task!r} recipe (task: {self.task}); this command takes "
@@ -184,11 +191,18 @@ class TrainConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
-        if self.num_classes is not None and self.num_classes < 1:
-            raise RecipeError(f"num_classes must be >= 1 (or null: taken from the dataset), got {self.num_classes}.")
+        # None (unset) is the one spelling of "from the data": 0 or less is refused, not silently replaced.
+        if self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
+                                             or self.num_classes < 1):
+            raise RecipeError(f"--num-classes (num_classes) must be a whole number >= 1, got {self.num_classes!r}; "
+                              f"leave it out (null in a recipe) to take the class count from the data.")
+        for name in ("img_size", "eval_img_size"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise RecipeError(f"{name} must be >= 1 (or unset: the model's input size), got {v}.")
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     pass
 
 
@@ -218,6 +232,20 @@ def find_recipe(name: str) -> Path:
 def is_pretrain_recipe(path: str | os.PathLike) -> bool:
     """Pretraining recipes (``UDIConfig`` keys, for ``visionzoo pretrain``) are named ``pretrain_*.yaml``."""
     return Path(path).name.startswith("pretrain_")
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML with the safe loader only; a tag that would build Python objects (``!!python/...``) or a syntax error is
+    one RecipeError naming ``what`` and the place."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        hint = (": only plain YAML values are read (no !!python tags: nothing in a recipe may run code)"
+                if "python/" in str(e) else "")
+        raise RecipeError(f"{what} is not valid YAML{where}: {problem}{hint}.") from None
 
 
 def _coerce(value: str) -> Any:
@@ -270,7 +298,7 @@ def check_config_keys(data: dict, cls, what: str = "config", source: str = "reci
 def read_recipe(recipe: str) -> dict:
     """The key: value mapping of a shipped recipe name or a YAML path."""
     path = find_recipe(recipe)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = parse_yaml(path.read_text(), f"Recipe {path}") or {}
     if not isinstance(data, dict):
         raise RecipeError(f"Recipe {path} must be a YAML mapping of key: value.")
     return data
@@ -356,6 +384,6 @@ def config_overrides(args, cls) -> dict:
         if v is None:
             continue
         if isinstance(v, str) and ("dict" in str(f.type) or "list" in str(f.type)):
-            v = yaml.safe_load(v)
+            v = parse_yaml(v, f"--{f.name.replace('_', '-')} {v!r}")
         out[f.name] = v
     return out

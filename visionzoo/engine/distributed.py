@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -54,12 +56,12 @@ def resolve_device(device: str | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N.") from None
+        raise UserError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+        raise UserError(f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
                          f"use --device cpu or auto.")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 to "
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}).")
     return dev
 

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 TOKENS = ("auto", "cls", "cls+", "both", "pooled")
 
 
@@ -35,7 +37,7 @@ def _class_tokens(model) -> int:
 def resolve_token(model, token: str = "auto") -> str:
     """The concrete token choice for ``model``; a clear error when the model cannot give it."""
     if token not in TOKENS:
-        raise ValueError(f"unknown token {token!r}; choose one of {', '.join(TOKENS)}")
+        raise UserError(f"unknown token {token!r}; choose one of {', '.join(TOKENS)}")
     n_cls = _class_tokens(model)
     if token == "auto":
         return "cls" if n_cls and getattr(model, "global_pool", "token") == "token" else "pooled"
@@ -44,7 +46,7 @@ def resolve_token(model, token: str = "auto") -> str:
         if n_cls < need:
             name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
             what = "a class token" if need == 1 else "a second class token [CLS+] (udi_vit_* or reg_tokens=1)"
-            raise ValueError(f"token {token!r} needs {what}; model '{name}' has {n_cls} prefix token(s). "
+            raise UserError(f"token {token!r} needs {what}; model '{name}' has {n_cls} prefix token(s). "
                              f"Use --token pooled (or auto).")
     return token
 
@@ -59,7 +61,7 @@ def model_features(model, x: torch.Tensor, token: str = "auto", n_last_blocks: i
     token = resolve_token(model, token)
     if token == "pooled":
         if n_last_blocks != 1 or avgpool_patchtokens:
-            raise ValueError("n_last_blocks / avgpool_patchtokens apply to class tokens; use --token cls with a ViT")
+            raise UserError("n_last_blocks / avgpool_patchtokens apply to class tokens; use --token cls with a ViT")
         if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
             return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
         return model(x).flatten(1)
@@ -96,7 +98,7 @@ def extract(model, loader: Iterable, device: torch.device | str = "cpu", token: 
     finally:
         model.train(was_training)
     if not feats:
-        raise ValueError("the data set is empty: no features to extract")
+        raise UserError("the data set is empty: no features to extract")
     return torch.cat(feats), torch.cat(labels).long()
 
 
@@ -117,7 +119,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         num_classes = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
     ks = sorted({min(int(k), train_feats.shape[0]) for k in ks})
     if not ks or ks[0] < 1:
-        raise ValueError(f"k must be >= 1, got {ks}")
+        raise UserError(f"k must be >= 1, got {ks}")
     n_top = min(5, num_classes)
     top1 = {k: torch.zeros((), dtype=torch.long, device=train_feats.device) for k in ks}
     top5 = {k: torch.zeros((), dtype=torch.long, device=train_feats.device) for k in ks}

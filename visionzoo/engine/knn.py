@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from ..errors import InputNotFoundError, UserError
+
 # ----------------------------------------------------------------------------------------------------------------
 # setup shared with `visionzoo linear`
 
@@ -26,7 +28,7 @@ def check_data(args) -> None:
     from ..data.datasets import check_data_dir
 
     if not os.path.isdir(args.data):
-        raise FileNotFoundError(f"data folder not found: {args.data} (pass a root holding "
+        raise InputNotFoundError(f"data folder not found: {args.data} (pass a root holding "
                                 f"{args.train_split}/ and {args.val_split}/, or 'digits')")
     for split in (args.train_split, args.val_split):
         check_data_dir(args.data, split)
@@ -44,6 +46,7 @@ def load_model(model_name: str | None, checkpoint: str | None, num_classes: int 
     a train run) is rebuilt with the arguments in its config.json (e.g. ``global_pool``) unless ``model_name``
     names another architecture."""
     import visionzoo
+
     from ..models import load_pretrained
 
     torch.manual_seed(seed)  # a random-init model (the usual baseline) is the same in every run
@@ -58,21 +61,23 @@ def load_model(model_name: str | None, checkpoint: str | None, num_classes: int 
     if checkpoint:
         checkpoint = str(resolve_checkpoint(checkpoint))
     if model_name is None:
-        raise ValueError("--model is needed unless --checkpoint is a folder written by save_pretrained "
+        raise UserError("--model is needed unless --checkpoint is a folder written by save_pretrained "
                          "(config.json + model.safetensors) or a `visionzoo train` run.")
     return visionzoo.create_model(model_name, checkpoint_path=checkpoint, num_classes=num_classes, **model_kwargs)
 
 
 def eval_datasets(args, model, splits=None, transform=None):
     """{split: dataset} with the model's eval transform (or ``transform``) at ``args.img_size``."""
-    from ..data.datasets import build_dataset
+    from ..data.datasets import build_dataset, check_same_classes
     from ..data.transforms import build_eval_transform
 
     img_size = args.img_size or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     transform = transform or build_eval_transform(model, img_size=img_size)
     kind = "digits" if args.data == "digits" else "auto"
     splits = splits or (args.train_split, args.val_split)
-    return {s: build_dataset(kind, args.data, s, transform, img_size=img_size) for s in splits}
+    data = {s: build_dataset(kind, args.data, s, transform, img_size=img_size) for s in splits}
+    check_same_classes(data)  # a val split missing a class would shift its labels
+    return data
 
 
 def loader(dataset, args, shuffle: bool = False, drop_last: bool = False, seed: int = 0):
@@ -112,9 +117,9 @@ def knn_eval(model, args, device) -> dict:
 
 def run(args) -> int:
     if args.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+        raise UserError(f"--temperature must be > 0, got {args.temperature}")
     if min(args.nb_knn) < 1:
-        raise ValueError(f"--nb-knn values must be >= 1, got {args.nb_knn}")
+        raise UserError(f"--nb-knn values must be >= 1, got {args.nb_knn}")
     check_data(args)
     device = resolve_device(args.device)
     model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()

@@ -20,9 +20,6 @@ summary.json and the head in last/ and best/, exact resume, DDP. ``--out DIR`` n
 """
 from __future__ import annotations
 
-
-
-
 AUGMENTS = ("simple", "strong", "none")
 
 

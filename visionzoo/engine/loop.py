@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..errors import UserError
 from ..files import atomic_write_text
 from .config import save_config
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
@@ -33,7 +34,7 @@ _logger = logging.getLogger("visionzoo")
 RUN_CONTROL = ("max_steps", "checkpoint_every_steps", "workers", "log_interval")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
@@ -56,7 +57,7 @@ def run_dir_for(cfg, info: DistInfo) -> Path:
     """``output/experiment``; without an experiment name, ``<model>-<time>`` made unique (as timm's get_outdir)."""
     name = cfg.experiment
     if name and (Path(name).is_absolute() or Path(name).name != name or name in (".", "..")):
-        raise ValueError(f"--experiment {name!r} must be a plain folder name (it is created inside --output "
+        raise UserError(f"--experiment {name!r} must be a plain folder name (it is created inside --output "
                          f"{cfg.output}); to write elsewhere, change --output.")
     if not name:
         base = f"{getattr(cfg, 'model', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -82,7 +83,7 @@ def fit(task: Task, resume: str | Path | None = None, device: str | None = None)
     if resume is not None:
         state = load_train_state(resume)
         if state.get("format") != 2:
-            raise ValueError(f"{resume} was written by an older visionzoo whose training state cannot be resumed "
+            raise UserError(f"{resume} was written by an older visionzoo whose training state cannot be resumed "
                              f"by this one; its weights still load (--checkpoint {resume}). Start a new run.")
         task.cfg = config_for_resume(state["config"], task.cfg)
         run_path = Path(resume)
@@ -114,7 +115,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
     accum = cfg.grad_accum_steps
     steps_per_epoch = len(batches.epoch_batches(0)) // accum
     if steps_per_epoch == 0:
-        raise ValueError(f"The training set ({len(train_set)} items over {info.world_size} process(es)) is smaller "
+        raise UserError(f"The training set ({len(train_set)} items over {info.world_size} process(es)) is smaller "
                          f"than one step (batch_size {cfg.batch_size} x grad_accum_steps {accum}): lower batch_size.")
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     epochs = -(-total_steps // steps_per_epoch)
@@ -142,7 +143,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
         task.load_state_dict(state.get("task") or {})
         prog = Progress(**state["progress"])
         if state.get("world_size", 1) != info.world_size and prog.step_in_epoch:
-            raise ValueError(f"{run.path} stopped in the middle of an epoch with {state.get('world_size', 1)} "
+            raise UserError(f"{run.path} stopped in the middle of an epoch with {state.get('world_size', 1)} "
                              f"process(es); resume it with as many (the data order of an epoch depends on it).")
         _logger.info("resumed %s at epoch %d, step %d", run.path, prog.epoch, prog.global_step)
     if info.is_main:
@@ -153,7 +154,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
     net = trainable
     if info.distributed and cfg.sync_bn:
         if dev.type != "cuda":
-            raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): set sync_bn=false.")
+            raise UserError("sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): set sync_bn=false.")
         from timm.layers import convert_sync_batchnorm
 
         net = convert_sync_batchnorm(net)

@@ -3,11 +3,12 @@ gradient clipping (norm, value, agc, per-tensor) and the step itself."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable, Iterable
 
-import logging
-
 import torch
+
+from ..errors import UserError
 
 _logger = logging.getLogger("visionzoo")
 
@@ -18,7 +19,7 @@ def amp_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[str(name).lower()]
     except KeyError:
-        raise ValueError(f"amp_dtype {name!r} is not one of bfloat16, float16") from None
+        raise UserError(f"amp_dtype {name!r} is not one of bfloat16, float16") from None
 
 
 def eval_dtype(amp: bool, dtype: str, device: torch.device) -> torch.dtype | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..errors import UserError
 from .config import RunConfig
 from .distributed import resolve_device
 from .precision import Precision
@@ -26,7 +27,7 @@ def profile(task: Task, steps: int = 10, device: str | None = None) -> dict:
     "step_img_s", "batch_size", "workers", "device", "steps"}``."""
     task.cfg.check()
     if steps < 1:
-        raise ValueError(f"--profile takes a number of batches >= 1, got {steps}.")
+        raise UserError(f"--profile takes a number of batches >= 1, got {steps}.")
     with tempfile.TemporaryDirectory(prefix="visionzoo-profile-") as tmp:
         return _profile(task, steps, resolve_device(device), Path(tmp))
 
@@ -42,7 +43,7 @@ def _profile(task: Task, steps: int, dev: torch.device, tmp: Path) -> dict:
                            task.sampling, task.sample_groups())
     n_batches = len(batches.epoch_batches(0))
     if n_batches < 2:
-        raise ValueError(f"profiling needs at least 2 batches of {cfg.batch_size}: lower batch_size.")
+        raise UserError(f"profiling needs at least 2 batches of {cfg.batch_size}: lower batch_size.")
     steps = min(steps, n_batches - 1)
     loader = DataLoader(SeededDataset(train_set, cfg.seed), batch_sampler=batches, num_workers=cfg.workers,
                         collate_fn=task.collate(), generator=torch.Generator().manual_seed(cfg.seed))

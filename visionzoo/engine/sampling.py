@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..errors import UserError
+
 
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from several integers (stable across processes and machines)."""
@@ -112,7 +114,7 @@ class EpochBatches:
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  repeats: int = 0, mode: str = "drop", groups=None):
         if mode not in ("drop", "pad"):
-            raise ValueError(f"unknown sampling mode {mode!r}: use drop or pad")
+            raise UserError(f"unknown sampling mode {mode!r}: use drop or pad")
         self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
         self.mode, self.groups = mode, (None if groups is None or len(set(groups)) < 2 else list(groups))
         self.sampler = ResumableSampler(size, True, seed, rank, world_size, repeats)

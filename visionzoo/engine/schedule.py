@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 
 class Schedule:
     def apply(self, optimizer, step: int) -> dict:
@@ -43,7 +45,7 @@ def timm_schedule(optimizer, sched: str, epochs: float, steps_per_epoch: int, wa
     if sched in (None, "none"):
         return NoSchedule()
     if warmup_prefix and warmup_epochs >= epochs:
-        raise ValueError(f"warmup_epochs ({warmup_epochs:g}) must be shorter than the run ({epochs:g} epochs) when "
+        raise UserError(f"warmup_epochs ({warmup_epochs:g}) must be shorter than the run ({epochs:g} epochs) when "
                          f"warmup_prefix is set: lower warmup_epochs or raise epochs.")
     # timm's warmup_prefix runs the whole decay AFTER the warm-up; mmengine's LinearLR + CosineAnnealing(begin=w)
     # decays over the remaining epochs, so the decay gets epochs - warmup_epochs to keep the run length
@@ -86,7 +88,7 @@ def mmcv_factor(it: int, total_iters: int, policy: str = "step", warmup_iters: i
     elif policy == "constant":
         factor = 1.0
     else:
-        raise ValueError(f"unknown lr policy {policy!r}: use step, poly or constant")
+        raise UserError(f"unknown lr policy {policy!r}: use step, poly or constant")
     if it < warmup_iters:
         factor *= 1.0 - (1.0 - it / warmup_iters) * (1.0 - warmup_ratio)
     return factor

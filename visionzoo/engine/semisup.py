@@ -31,6 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputNotFoundError, UserError
 from .knn import check_data, eval_datasets, load_model, loader, resolve_device, write_results
 
 SAMPLINGS = ("balanced", "random")
@@ -47,11 +48,11 @@ def subset_indices(labels, percent: float, sampling: str = "balanced", seed: int
     labels = torch.as_tensor(labels, dtype=torch.long)
     n = labels.numel()
     if not 0 < percent <= 100:
-        raise ValueError(f"--percent must be in (0, 100], got {percent}")
+        raise UserError(f"--percent must be in (0, 100], got {percent}")
     if sampling not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+        raise UserError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
     if n == 0:
-        raise ValueError("the train split is empty: nothing to sample a subset from")
+        raise UserError("the train split is empty: nothing to sample a subset from")
     gen = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(n, generator=gen)
     if sampling == "random":
@@ -73,22 +74,22 @@ def sample_names(dataset) -> list[str]:
         return [f"{int(i):04d}.png" for i in dataset.indices]  # write_digits_folder's names
     if hasattr(dataset, "_txn_get"):  # LMDB: names are stored with each record
         return [os.path.basename(dataset._txn_get(i)[0]) for i in range(len(dataset))]
-    raise ValueError(f"--subset-file cannot name the samples of {type(dataset).__name__}; use --percent")
+    raise UserError(f"--subset-file cannot name the samples of {type(dataset).__name__}; use --percent")
 
 
 def subset_from_file(path: str, dataset):
     """Sorted indices of the samples whose base names are listed in ``path``; every listed name must exist."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"subset file not found: {path} (one file name per line, e.g. SimCLRv2's "
+        raise InputNotFoundError(f"subset file not found: {path} (one file name per line, e.g. SimCLRv2's "
                                 f"1percent.txt)")
     with open(path) as f:
         wanted = [os.path.basename(line.strip()) for line in f if line.strip()]
     if not wanted:
-        raise ValueError(f"subset file {path} lists no file names")
+        raise UserError(f"subset file {path} lists no file names")
     index = {name: i for i, name in enumerate(sample_names(dataset))}
     missing = [w for w in wanted if w not in index]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(wanted)} names in {path} are not in the train split "
+        raise UserError(f"{len(missing)} of {len(wanted)} names in {path} are not in the train split "
                          f"(e.g. {', '.join(missing[:3])}); is it the subset file of this data set?")
     return torch.tensor(sorted({index[w] for w in wanted}), dtype=torch.long)
 
@@ -108,7 +109,7 @@ def fit_logreg(feats, labels, lam: float, num_classes: int | None = None, max_it
     feats = feats.to(dtype or torch.float64)
     labels = labels.to(feats.device).long()
     if lam <= 0:
-        raise ValueError(f"lambda must be > 0 (the problem has no bounded optimum otherwise), got {lam}")
+        raise UserError(f"lambda must be > 0 (the problem has no bounded optimum otherwise), got {lam}")
     num_classes = num_classes or int(labels.max()) + 1
     weight = torch.zeros(num_classes, feats.shape[1], device=feats.device, dtype=feats.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([weight], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
@@ -184,11 +185,11 @@ def semisup_eval(model, args, device) -> dict:
 
 def run(args) -> int:
     if min(args.lambdas) <= 0:
-        raise ValueError(f"--lambdas must be > 0, got {args.lambdas}")
+        raise UserError(f"--lambdas must be > 0, got {args.lambdas}")
     if args.n_last_blocks < 1 or args.max_iter < 1:
-        raise ValueError("--n-last-blocks and --max-iter must be >= 1")
+        raise UserError("--n-last-blocks and --max-iter must be >= 1")
     if args.subset_file is None and not 0 < args.percent <= 100:
-        raise ValueError(f"--percent must be in (0, 100], got {args.percent}")
+        raise UserError(f"--percent must be in (0, 100], got {args.percent}")
     check_data(args)
     device = resolve_device(args.device)
     model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()

@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..errors import UserError
 from ..files import UnsafeCheckpointError, atomic_torch_save, safe_torch_load
 
 _logger = logging.getLogger("visionzoo")
@@ -20,7 +21,7 @@ LOCK_FILE = ".lock"
 STATE_FORMAT = 2  # 1: the per-task files of visionzoo <= 0.1 (train_state.pt of `train`, last.pth, iter_N.pth, ...)
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """A run folder that cannot be used as asked (in use, already holds a run, nothing to resume)."""
 
 
@@ -99,8 +100,12 @@ class RunFolder:
         if self._locked:
             (self.path / LOCK_FILE).unlink(missing_ok=True)
             self._locked = False
-            if self.created and not any(self.path.iterdir()):  # failed before writing anything: leave no trace
-                self.path.rmdir()
+            if self.created and not self.state_path.exists():
+                # this run made the folder and failed before its first training state: nothing in it can be resumed
+                # (a config, generated data), and leaving it would refuse the corrected re-run under the same name
+                import shutil
+
+                shutil.rmtree(self.path, ignore_errors=True)
 
     def save_state(self, state: dict) -> None:
         atomic_torch_save({"format": STATE_FORMAT, **state}, self.state_path)
@@ -120,28 +125,28 @@ def resume_folder(path: str | os.PathLike, old_files: str, old_hint: str, cfg=No
         if path.name != "train_state.pt":
             obj = safe_torch_load(path, "training state")
             if isinstance(obj, dict) and "model" in obj and path.match(old_files):
-                raise ValueError(f"--resume {path} was written by an older visionzoo whose training state cannot be "
+                raise UserError(f"--resume {path} was written by an older visionzoo whose training state cannot be "
                                  f"resumed by this one; {old_hint}")
-            raise ValueError(f"--resume {path}: pass a run folder (it holds train_state.pt), not a weights file.")
+            raise UserError(f"--resume {path}: pass a run folder (it holds train_state.pt), not a weights file.")
         path = path.parent
     old = sorted(path.glob(old_files)) if path.is_dir() and not (path / STATE_FILE).is_file() else []
     if old:
         safe_torch_load(old[-1], "training state")  # a refused pickle says so first
-        raise ValueError(f"--resume {path} was written by an older visionzoo whose training state cannot be resumed "
+        raise UserError(f"--resume {path} was written by an older visionzoo whose training state cannot be resumed "
                          f"by this one; {old_hint}")
     if cfg is not None and (path / "config.yaml").is_file():
-        import yaml
+        from .config import parse_yaml
 
-        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        saved = parse_yaml((path / "config.yaml").read_text(), f"{path / 'config.yaml'}") or {}
         changed = [k for k in recipe_keys if k in saved and saved[k] != getattr(cfg, k)]
         if changed:
-            raise ValueError(f"--resume {path}: the run was trained with other {', '.join(changed)} "
+            raise UserError(f"--resume {path}: the run was trained with other {', '.join(changed)} "
                              f"({ {k: saved[k] for k in changed} }); resume with the same recipe, or without --recipe "
                              f"(only max_steps, checkpoint_every_steps, workers and log_interval may change).")
         total = (saved.get("resolved") or {}).get("total_steps")
         summary = path / "summary.json"
         if total and summary.is_file() and json.loads(summary.read_text()).get("global_step", 0) >= total:
-            raise ValueError(f"--resume {path}: nothing to do, the run already finished all {total} steps.")
+            raise UserError(f"--resume {path}: nothing to do, the run already finished all {total} steps.")
     return path
 
 

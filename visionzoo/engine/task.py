@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputNotFoundError
+
 
 @dataclasses.dataclass
 class Context:
@@ -170,5 +172,5 @@ def read_task_model(path: str | Path, task: str) -> tuple[dict, dict]:
             meta = json.loads(cfg_file.read_text())
             if meta.get("task") == task:
                 return meta["config"], load_file(str(folder / "model.safetensors"))
-    raise FileNotFoundError(f"{path} holds no {task} model (config.json with task '{task}' + model.safetensors, "
+    raise InputNotFoundError(f"{path} holds no {task} model (config.json with task '{task}' + model.safetensors, "
                             f"in the folder or its best/ or last/): pass the run folder of a `visionzoo {task}` run.")

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputNotFoundError, UserError
+
 CSV_COLUMNS = ["model", "checkpoint", "dataset", "num_classes", "num_train", "num_val", "feature_dim",
                "classifier", "best_C", "top1", "r2", "intra_class_var", "variability_deg"]
 DEFAULT_C_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]
@@ -79,7 +81,7 @@ def class_separation(features, labels, center: bool = True) -> dict:
     u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     classes, inv = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError(f"class separation needs at least 2 classes, got {len(classes)}")
+        raise UserError(f"class separation needs at least 2 classes, got {len(classes)}")
     sums = np.zeros((len(classes), u.shape[1]))
     np.add.at(sums, inv, u)
     mu = sums / np.bincount(inv)[:, None]  # class means of the unit vectors
@@ -134,7 +136,7 @@ def principal_angles(a, b=None, max_elems: int = 1 << 24):
     a = torch.as_tensor(a).detach().to(torch.float64)
     b = a if b is None else torch.as_tensor(b).detach().to(torch.float64)
     if a.ndim != 3 or b.ndim != 3 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"principal_angles expects bases of shape (classes, n, k) with the same n, got "
+        raise UserError(f"principal_angles expects bases of shape (classes, n, k) with the same n, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     qa = torch.linalg.qr(a).Q
     qb = qa if b is a else torch.linalg.qr(b).Q
@@ -157,13 +159,13 @@ def class_angle_matrix(bases, kind: str = "subspace", stat: str = "min"):
     ``kind='vector'`` (k = 1, softmax weights): the angle between the vectors, in [0, 180]. The diagonal is 0.
     """
     if stat not in ANGLE_STATS:
-        raise ValueError(f"unknown angle stat {stat!r}; choose one of {', '.join(ANGLE_STATS)}")
+        raise UserError(f"unknown angle stat {stat!r}; choose one of {', '.join(ANGLE_STATS)}")
     if kind == "vector":
         full = vector_angles(bases[..., 0] if bases.ndim == 3 else bases)[..., None]
     elif kind == "subspace":
         full = principal_angles(bases)
     else:
-        raise ValueError(f"unknown class representation kind {kind!r}; use 'subspace' or 'vector'")
+        raise UserError(f"unknown class representation kind {kind!r}; use 'subspace' or 'vector'")
     mat = {"min": full[..., 0], "mean": full.mean(-1), "max": full[..., -1]}[stat].clone()
     mat.fill_diagonal_(0.0)  # a class against itself: exactly 0 (rounding would give ~1e-6 deg)
     return mat.numpy(), full.numpy()
@@ -176,7 +178,7 @@ def angle_summary(matrix) -> dict:
     m = np.asarray(matrix, dtype=np.float64)
     k = m.shape[0]
     if k < 2:
-        raise ValueError(f"angle summary needs at least 2 classes, got {k}")
+        raise UserError(f"angle summary needs at least 2 classes, got {k}")
     off = m[~np.eye(k, dtype=bool)].reshape(k, k - 1)
     return {"mean_deg": float(off.mean()), "min_deg": float(off.min()), "max_deg": float(off.max()),
             "nearest_mean_deg": float(off.min(1).mean())}
@@ -205,7 +207,7 @@ def class_representation(model, classifier: dict | None = None):
     if isinstance(model, GrassmannClassifier):
         dim = int(model.dim)
         if w.shape[0] % dim:
-            raise ValueError(f"GCR head weight has {w.shape[0]} rows, not a multiple of the model's subspace dim "
+            raise UserError(f"GCR head weight has {w.shape[0]} rows, not a multiple of the model's subspace dim "
                              f"{dim}; pass --model-kwargs dim=K_DIM (rows = classes x dim)")
         return w.view(-1, dim, w.shape[1]).transpose(1, 2), "subspace"
     return w[:, :, None], "vector"
@@ -289,7 +291,7 @@ def load_frozen_model(name: str, checkpoint: str | None = None, model_kwargs: di
         with open(os.path.join(folder, "config.json")) as f:
             arch = json.load(f).get("architecture")
         if arch and arch != name:
-            raise ValueError(f"checkpoint {checkpoint} holds a '{arch}' model (its config.json), not '{name}': "
+            raise UserError(f"checkpoint {checkpoint} holds a '{arch}' model (its config.json), not '{name}': "
                              f"pass --model {arch}")
         return load_pretrained(folder, **kwargs).eval(), {}
     model = create_model(name, num_classes=0, **kwargs)
@@ -328,7 +330,7 @@ def _parse_kwargs(items) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--model-kwargs entry {item!r} must look like KEY=VALUE (e.g. dim=4)")
+            raise UserError(f"--model-kwargs entry {item!r} must look like KEY=VALUE (e.g. dim=4)")
         k, v = item.split("=", 1)
         out[k.strip()] = yaml.safe_load(v)
     return out
@@ -348,7 +350,7 @@ def _check_datasets(specs) -> None:
         if spec == "digits":
             continue
         if not os.path.isdir(spec):
-            raise FileNotFoundError(f"transfer dataset folder not found: {spec} "
+            raise InputNotFoundError(f"transfer dataset folder not found: {spec} "
                                     f"(pass a root holding train/ and val/, or 'digits')")
         for split in ("train", "val"):
             check_data_dir(spec, split)
@@ -389,14 +391,14 @@ def _plot(rows, dataset: str, path: str) -> None:
 def run(args) -> int:
     checkpoints = args.checkpoint or []
     if checkpoints and len(checkpoints) != len(args.model):
-        raise ValueError(f"--checkpoint needs one file per --model: got {len(checkpoints)} checkpoints for "
+        raise UserError(f"--checkpoint needs one file per --model: got {len(checkpoints)} checkpoints for "
                          f"{len(args.model)} models")
     checkpoints = checkpoints or [None] * len(args.model)
     names = [_dataset_name(d) for d in args.datasets]
     if len(set(names)) != len(names):
-        raise ValueError(f"--datasets have repeated names {names}; give each root a distinct folder name")
+        raise UserError(f"--datasets have repeated names {names}; give each root a distinct folder name")
     if any(c <= 0 for c in args.c_grid):
-        raise ValueError(f"--c-grid values must be > 0, got {args.c_grid}")
+        raise UserError(f"--c-grid values must be > 0, got {args.c_grid}")
     model_kwargs = _parse_kwargs(getattr(args, "model_kwargs", None))
     _check_datasets(args.datasets)
 

@@ -1,7 +1,9 @@
 """The model contract: thin wrappers over timm's registry, weight loading/saving and clear errors."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib
 import json
 import logging
@@ -13,18 +15,75 @@ import timm
 import torch
 from torch import nn
 
+from ..errors import InputNotFoundError, UserError
+
 _logger = logging.getLogger(__name__)
 
 # Our family modules (timm records a model's module as the last component of its builder's module).
 FAMILY_MODULES: tuple[str, ...] = ()
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     pass
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def factory_context(device=None, dtype=None):
+    """Create tensors on ``device`` and floating-point tensors in ``dtype`` (both optional) inside the block.
+
+    What timm's own models do with their ``device=`` / ``dtype=`` constructor arguments (``dd`` passed to every
+    layer): build directly on the meta device, on a GPU or in bf16, without a float32 CPU copy first.
+    """
+    with contextlib.ExitStack() as stack:
+        if device is not None:
+            stack.enter_context(torch.device(device))
+        if dtype is not None:
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            if not dtype.is_floating_point:
+                raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            stack.callback(torch.set_default_dtype, previous)
+        yield
+
+
+def accepts_factory_kwargs(cls):
+    """Class decorator: ``cls(..., device=None, dtype=None)`` builds the module inside :func:`factory_context` (timm's
+    factory arguments); other unknown arguments still raise ``TypeError``."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, device=None, dtype=None, **kwargs):
+        if device is None and dtype is None:
+            return init(self, *args, **kwargs)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        with factory_context(device, dtype):
+            init(self, *args, **kwargs)
+        if dtype is not None:  # also what was built with an explicit float32 dtype
+            nn.Module.to(self, dtype=dtype)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def is_tracing() -> bool:
+    """True while torch.fx symbolically traces (shape checks that need real sizes are skipped then; the traced
+    graph keeps the shape logic that timm-style leaf modules / functions run at call time)."""
+    fx = torch.fx._symbolic_trace
+    return fx.is_fx_symbolic_tracing() if hasattr(fx, "is_fx_symbolic_tracing") else fx.is_fx_tracing()
+
+
+def factory_kwargs_of(module: nn.Module) -> dict:
+    """``dict(device=, dtype=)`` of a module's first floating-point parameter ({} if it has none): what a layer
+    rebuilt later (``reset_classifier``) must be created with to match the rest of the model."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return dict(device=p.device, dtype=p.dtype)
+    return {}
 
 
 def _close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
@@ -71,11 +130,64 @@ def create_model(
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
         if not path.exists():
-            raise FileNotFoundError(f"Checkpoint not found: {path}. Pass a .safetensors/.pth file or an HF-layout folder.")
+            raise InputNotFoundError(f"Checkpoint not found: {path}. Pass a .safetensors/.pth file or an HF-layout folder.")
+    downloads = model_name.startswith(("hf-hub:", "hf_hub:")) or (pretrained and not kwargs.get("pretrained_cfg_overlay"))
+    if downloads:
+        return _create_from_hub(model_name, pretrained, **kwargs)
     model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     if checkpoint_path is not None:
         load_weights(model, checkpoint_path)
     return model
+
+
+LOCAL_WEIGHTS_HINT = ("load local files instead: visionzoo.create_model(NAME, checkpoint_path='weights.pth' or an "
+                      "official checkpoint), timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay="
+                      "dict(file='weights.safetensors')), or timm.create_model('local-dir:FOLDER', pretrained=True) "
+                      "for a save_pretrained folder")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers within ``timeout`` seconds (False at once under HF_HUB_OFFLINE=1)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    import threading
+
+    ok = []
+
+    def probe():  # in a thread: name resolution ignores socket timeouts
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    return bool(ok)
+
+
+def _create_from_hub(model_name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``pretrained=True`` / ``hf-hub:``: the one case where visionzoo downloads (the user asked). Our own models
+    have nothing to download; offline, the HF cache is used and a miss fails at once, naming the local ways."""
+    base = model_name.split(".")[0]
+    if pretrained and not model_name.startswith(("hf-hub:", "hf_hub:")) and base in list_models():
+        raise UserError(f"{model_name} has no weights to download (visionzoo models are built from the official "
+                        f"checkpoints you have): {LOCAL_WEIGHTS_HINT.replace('NAME', repr(model_name))}.")
+    if hub_reachable():
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    from huggingface_hub import constants
+
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True  # the HF cache only: no 30-50 s of retries
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # huggingface_hub's LocalEntryNotFoundError, timm's RuntimeError, ...
+        raise UserError(f"{model_name}: its weights are not in the local Hugging Face cache and huggingface.co is "
+                        f"not reachable ({type(e).__name__}); {LOCAL_WEIGHTS_HINT.replace('NAME', repr(model_name))}."
+                        ) from None
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,10 +252,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                      "teacher_backbone.safetensors"):
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{path} is a folder without weights: pass a weights file, a save_pretrained folder (config.json + "
             f"model.safetensors) or a run folder (its best/ or last/ holds them).")
-    raise FileNotFoundError(f"checkpoint not found: {path}. Pass a .safetensors/.pth file, a save_pretrained "
+    raise InputNotFoundError(f"checkpoint not found: {path}. Pass a .safetensors/.pth file, a save_pretrained "
                             f"folder or a run folder.")
 
 
@@ -189,18 +301,21 @@ def load_weights(
     if filter_fn is not None:
         sd = filter_fn(sd, model)
     own = model.state_dict()
-    for key in _classifier_keys(model):
-        if key in sd and key in own and sd[key].shape != own[key].shape:
-            _logger.warning("dropping %s from %s: shape %s, model has %s (other num_classes)",
-                            key, path, tuple(sd[key].shape), tuple(own[key].shape))
-            sd.pop(key)
-            strict = False
+    resized = [k for k in _classifier_keys(model) if k in sd and k in own and sd[k].shape != own[k].shape]
+    if resized:  # one note for the whole head, with the class counts
+        k = resized[0]
+        _logger.warning("%s: its classifier is for %d classes, the model's for %d: keeping the model's newly "
+                        "initialised classifier (%s)", path, sd[k].shape[0], own[k].shape[0], ", ".join(resized))
+        for k in resized:
+            sd.pop(k)
+        strict = False
     shape_bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     missing = [k for k in own if k not in sd]
     new_head = [k for k in missing if k in _classifier_keys(model)]
-    if new_head and len(new_head) == len(missing):  # backbone-only weights (e.g. SSL): keep the fresh classifier
+    if new_head and len(new_head) == len(missing) and not resized:  # backbone-only weights (e.g. SSL)
         _logger.warning("%s has no classifier (%s): keeping the model's newly initialised one",
                         path, ", ".join(new_head))
+    if new_head and len(new_head) == len(missing):
         for k in new_head:
             sd[k] = own[k]
         missing = []
@@ -254,7 +369,13 @@ def load_pretrained(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
     (the same as ``timm.create_model('local-dir:<directory>', pretrained=True)``)."""
     directory = Path(directory)
     if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory} has no config.json: not a folder written by save_pretrained.")
+        raise InputNotFoundError(f"{directory} has no config.json: not a folder written by save_pretrained.")
+    if not (directory / "model.safetensors").exists():
+        for name in ("pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (directory / name).exists():  # timm would unpickle it itself: read it safely first (one clear error)
+                from ..files import safe_torch_load
+
+                safe_torch_load(directory / name)
     return timm.create_model(f"local-dir:{directory}", pretrained=True, **kwargs)
 
 

@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..errors import UserError
+from ._registry import accepts_factory_kwargs, factory_context, factory_kwargs_of
 from .context_cluster import _unwrap
 
 __all__ = ["PointContextCluster", "PointMLPCoC", "farthest_point_sample", "knn_point", "checkpoint_filter_fn"]
@@ -151,6 +153,7 @@ class PosExtraction(nn.Module):
         return self.operation(x)
 
 
+@accepts_factory_kwargs
 class PointMLPCoC(nn.Module):
     """PointMLP (anchor normalisation, no xyz, no bias) with a context-cluster block before each residual block of
     every PreExtraction (official ``pointMLP_CoC``). Input ``[B, 3, N]`` point clouds (N = ``points``)."""
@@ -161,7 +164,7 @@ class PointMLPCoC(nn.Module):
                  reducers: Sequence[int] = (2, 2, 2, 2), drop_rate: float = 0.5, in_chans: int = 3, **kwargs):
         super().__init__()
         if in_chans != 3:
-            raise ValueError(f"coc_pointmlp takes xyz point clouds [B, 3, N]; in_chans={in_chans} is not supported")
+            raise UserError(f"coc_pointmlp takes xyz point clouds [B, 3, N]; in_chans={in_chans} is not supported")
         self.num_classes, self.points = num_classes, points
         self.embedding = ConvBNReLU1D(3, embed_dim)
         self.local_grouper_list, self.pre_blocks_list, self.pos_blocks_list = nn.ModuleList(), nn.ModuleList(), \
@@ -191,13 +194,15 @@ class PointMLPCoC(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool=None) -> None:
         self.num_classes = num_classes
-        self.classifier = self._make_classifier(num_classes)
+        with factory_context(**factory_kwargs_of(self)):
+            self.classifier = self._make_classifier(num_classes)
+        self.classifier.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1] != 3:
-            raise ValueError(f"coc_pointmlp expects point clouds [B, 3, N], got {tuple(x.shape)}")
+            raise UserError(f"coc_pointmlp expects point clouds [B, 3, N], got {tuple(x.shape)}")
         if x.shape[2] < self.points:
-            raise ValueError(f"coc_pointmlp needs at least {self.points} points per cloud, got {x.shape[2]}")
+            raise UserError(f"coc_pointmlp needs at least {self.points} points per cloud, got {x.shape[2]}")
         xyz = x.permute(0, 2, 1)
         x = self.embedding(x)
         for grouper, pre, pos in zip(self.local_grouper_list, self.pre_blocks_list, self.pos_blocks_list):

@@ -32,12 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from ._registry import unwrap_state_dict
+from ..errors import UserError
+from ._registry import accepts_factory_kwargs, factory_kwargs_of, is_tracing, unwrap_state_dict
 
 __all__ = [
     "ContextCluster", "Cluster", "ClusterBlock", "PointReducer", "GroupNorm1", "checkpoint_filter_fn",
@@ -53,7 +54,7 @@ CLUSTER_IMPLS = ("fast", "reference")
 
 def _check_cluster_impl(impl: str) -> str:
     if impl not in CLUSTER_IMPLS:
-        raise ValueError(f"cluster_impl={impl!r} is not known: use one of {', '.join(map(repr, CLUSTER_IMPLS))} "
+        raise UserError(f"cluster_impl={impl!r} is not known: use one of {', '.join(map(repr, CLUSTER_IMPLS))} "
                          "('fast': scatter + bmm; 'reference': the official broadcast formulation, slow)")
     return impl
 
@@ -64,7 +65,7 @@ def _per_stage(value, n: int) -> list:
         return [value] * n
     value = list(value)
     if len(value) != n:
-        raise ValueError(f"expected {n} per-stage values, got {value}")
+        raise UserError(f"expected {n} per-stage values, got {value}")
     return value
 
 
@@ -90,6 +91,17 @@ def pooling_matrix(h: int, w: int, rows: int, cols: int, device=None, dtype=None
 
     r, c = axis(h, rows), axis(w, cols)  # [rows, h], [cols, w]
     return (r[:, None, :, None] * c[None, :, None, :]).reshape(rows * cols, h * w)
+
+
+@register_notrace_function  # torch.fx: shape logic, a leaf call in traced graphs
+def append_coords(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C + 2, H, W]``: the coordinate channels ``i/(H-1) - 0.5`` (rows) and
+    ``j/(W-1) - 0.5`` (cols)."""
+    B, _, H, W = x.shape
+    rows = torch.arange(H, device=x.device, dtype=torch.float32) / (H - 1.0) - 0.5
+    cols = torch.arange(W, device=x.device, dtype=torch.float32) / (W - 1.0) - 0.5
+    pos = torch.stack([rows[:, None].expand(H, W), cols[None, :].expand(H, W)]).to(x.dtype)
+    return torch.cat([x, pos.unsqueeze(0).expand(B, -1, -1, -1)], dim=1)
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -124,6 +136,7 @@ class PointReducer(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1).contiguous())
 
 
+@register_notrace_module  # torch.fx: shape-dependent partition / scatter; a leaf module in traced graphs
 class Cluster(nn.Module):
     """The context-cluster token mixer on channels-last maps ``[B, H, W, C]``.
 
@@ -181,7 +194,7 @@ class Cluster(nn.Module):
 
     def _assign(self, q: torch.Tensor, centers: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Similarity of each point to its best center ``s [B', N]`` and that center's index ``idx [B', N]``."""
-        if torch.is_autocast_enabled(q.device.type):
+        if q.device.type != "meta" and torch.is_autocast_enabled(q.device.type):
             with torch.autocast(device_type=q.device.type, enabled=False):
                 return self._assign(q.float(), centers.float())
         cos = torch.bmm(F.normalize(centers, dim=-1), F.normalize(q, dim=-1).transpose(1, 2))  # [B', M, N]
@@ -306,6 +319,7 @@ class ClusterBlock(nn.Module):
         return x + self.drop_path(y * self.layer_scale_2 if self.use_layer_scale else y)
 
 
+@accepts_factory_kwargs
 class ContextCluster(nn.Module):
     """Context Cluster classifier / dense backbone (timm API).
 
@@ -429,9 +443,11 @@ class ContextCluster(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+                raise UserError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **factory_kwargs_of(self)) if num_classes > 0 \
+            else nn.Identity()
+        self.head.train(self.training)
 
     def set_legacy_norm(self, enable: bool = True) -> None:
         """Count-based aggregation normaliser of the pre-2023-06 code (what the legacy checkpoints expect)."""
@@ -487,7 +503,7 @@ class ContextCluster(nn.Module):
             hints.append(f"{n} {v} ({why}; nearest valid: {f'{below} or ' if below else ''}{above})")
         rule = (f"multiples of {mult[0]}" if mult[0] == mult[1] else f"heights multiple of {mult[0]} and widths "
                 f"multiple of {mult[1]}")
-        raise ValueError(
+        raise UserError(
             f"{name}: input size {height}x{width} is not supported: " + "; ".join(hints)
             + f". Its region partition (folds {[tuple(f) for f in self.folds]}) needs {rule}, e.g. "
             f"{mult[0] * max(1, round(224 / mult[0]))}x{mult[1] * max(1, round(224 / mult[1]))}. "
@@ -501,16 +517,13 @@ class ContextCluster(nn.Module):
 
         Returns channels-last ``[B, H/4, W/4, C0]``.
         """
-        B, C, H, W = x.shape
-        if C != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels (the 2 coordinate channels are added by the "
-                             f"model), got {C}")
-        self._check_size(H, W)
-        rows = torch.arange(H, device=x.device, dtype=torch.float32) / (H - 1.0) - 0.5
-        cols = torch.arange(W, device=x.device, dtype=torch.float32) / (W - 1.0) - 0.5
-        pos = torch.stack([rows[:, None].expand(H, W), cols[None, :].expand(H, W)]).to(x.dtype)
-        x = torch.cat([x, pos.unsqueeze(0).expand(B, -1, -1, -1)], dim=1)
-        return self.patch_embed(x, nchw_input=True)
+        if not is_tracing():
+            C, H, W = x.shape[1:]
+            if C != self.in_chans:
+                raise UserError(f"expected {self.in_chans} input channels (the 2 coordinate channels are added by "
+                                 f"the model), got {C}")
+            self._check_size(H, W)
+        return self.patch_embed(append_coords(x), nchw_input=True)
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -544,7 +557,7 @@ class ContextCluster(nn.Module):
         """Stage maps (NCHW). With ``fork_feat`` they pass through their own stage norms (the official dense
         outputs); otherwise ``norm=True`` applies the final norm to the last stage's map."""
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+            raise UserError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stage_indices), indices)
         net_take = {self.stage_indices[i]: i for i in take_indices}
         last = self.stage_indices[max_index] if stop_early else len(self.network) - 1
@@ -670,13 +683,13 @@ def official_kwargs_to_ours(kwargs: dict) -> dict:
     kw.update(kwargs)
     norm = str(kw.pop("norm_layer"))
     if not norm.endswith("GroupNorm"):
-        raise ValueError(f"only the official one-group GroupNorm is supported as norm_layer, got {norm}")
+        raise UserError(f"only the official one-group GroupNorm is supported as norm_layer, got {norm}")
     act = kw.pop("act_layer", None)
     if act is not None and not str(act).endswith("GELU"):
-        raise ValueError(f"only GELU is supported as act_layer, got {act}")
+        raise UserError(f"only GELU is supported as act_layer, got {act}")
     for k in ("init_cfg", "pretrained"):
         if kw.pop(k, None) is not None:
-            raise ValueError(f"official argument {k} (mmcv weight loading) is not supported: use checkpoint_path")
+            raise UserError(f"official argument {k} (mmcv weight loading) is not supported: use checkpoint_path")
     layers = list(kw.pop("layers"))
     n = len(layers)
     fw, fh = _per_stage(kw.pop("fold_w"), n), _per_stage(kw.pop("fold_h"), n)
@@ -699,7 +712,7 @@ def official_kwargs_to_ours(kwargs: dict) -> dict:
     if ours["fork_feat"]:
         ours["num_classes"] = 0  # the official dense backbone has no norm/head
     if kw:
-        raise ValueError(f"unknown official ContextCluster arguments: {sorted(kw)}")
+        raise UserError(f"unknown official ContextCluster arguments: {sorted(kw)}")
     return ours
 
 
@@ -714,15 +727,18 @@ def _cfg(**kwargs):
 
 
 # every official builder uses the 'model_small' cfg (crop 0.9), medium included
+# min_input_size (timm's field): the smallest input the region partition takes; valid sizes are its multiples
+# (32 for folds 8,4,2,1; 56 for coc_tiny2's 7,7,1,1), see ContextCluster.size_multiple()
+_M32, _M56 = dict(min_input_size=(3, 32, 32)), dict(min_input_size=(3, 56, 56))
 default_cfgs = generate_default_cfgs({
-    "coc_tiny": _cfg(),
-    "coc_tiny2": _cfg(),
+    "coc_tiny": _cfg(**_M32),
+    "coc_tiny2": _cfg(**_M56),
     "coc_tiny_plain": _cfg(),
-    "coc_small": _cfg(),
-    "coc_medium": _cfg(),
-    "coc_base_dim64": _cfg(),
-    "coc_base_dim96": _cfg(),
-    **{f"coc_{size}_feat{p}": _cfg(num_classes=0)
+    "coc_small": _cfg(**_M32),
+    "coc_medium": _cfg(**_M32),
+    "coc_base_dim64": _cfg(**_M32),
+    "coc_base_dim96": _cfg(**_M32),
+    **{f"coc_{size}_feat{p}": _cfg(num_classes=0, **_M32)
        for size in ("small", "medium") for p in (2, 5, 7)},
     "coc_test": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
 })

@@ -16,14 +16,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
 
-from ._registry import unwrap_state_dict
+from ..errors import UserError
+from ._registry import accepts_factory_kwargs, factory_kwargs_of, is_tracing, unwrap_state_dict
 
 __all__ = ["CSWinTransformer", "CSWinBlock", "GroupConvMlp", "channel_shuffle", "checkpoint_filter_fn"]
 
@@ -110,6 +110,7 @@ class LePEAttention(nn.Module):
         return out.reshape(B, H, W, C)
 
 
+@register_notrace_module  # torch.fx: shape-dependent stripe windows; a leaf module in traced graphs
 class CSWinBlock(nn.Module):
     """LN -> qkv -> (two cross-shaped branches | one full branch) -> proj -> residual; LN -> MLP -> residual."""
 
@@ -160,9 +161,9 @@ class MergeBlock(nn.Module):
         self.norm = norm_layer(dim_out)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> Tuple[torch.Tensor, int, int]:
-        B, L, C = x.shape
+        B, C = x.shape[0], x.shape[2]  # indexing, not unpacking: torch.fx traces it
         x = self.conv(x.transpose(1, 2).reshape(B, C, H, W))
-        H, W = x.shape[-2:]
+        H, W = x.shape[-2], x.shape[-1]
         return self.norm(x.flatten(2).transpose(1, 2)), H, W
 
 
@@ -186,6 +187,7 @@ def _deep_stem(in_chans: int, width: int, out_dim: int) -> nn.Sequential:
         nn.Conv2d(width, out_dim, 3, 2, 1, bias=False), _ToTokens(), nn.LayerNorm(out_dim))
 
 
+@accepts_factory_kwargs
 class CSWinTransformer(nn.Module):
     """CSWin Transformer (Dong et al., CVPR 2022) with the timm classifier API.
 
@@ -202,8 +204,13 @@ class CSWinTransformer(nn.Module):
                  dims: Optional[Sequence[int]] = None, deep_stem: bool = False, final_norm: bool = True,
                  global_pool: str = 'avg', mlp_groups: int = 1):
         super().__init__()
+        if isinstance(img_size, (tuple, list)):  # timm passes (H, W) for fixed_input_size cfgs
+            if len(set(img_size)) != 1:
+                raise UserError(f"CSWin takes square inputs; got img_size={tuple(img_size)}")
+            img_size = int(img_size[0])
         dims = list(dims) if dims is not None else [embed_dim * 2 ** i for i in range(4)]
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.img_size = img_size
         self.dims = dims
         self.split_size = list(split_size)
@@ -263,9 +270,11 @@ class CSWinTransformer(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ('', 'avg'):
-                raise ValueError(f"CSWin global_pool must be 'avg' or '' (got {global_pool!r}).")
+                raise UserError(f"CSWin global_pool must be 'avg' or '' (got {global_pool!r}).")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **factory_kwargs_of(self)) if num_classes > 0 \
+            else nn.Identity()
+        self.head.train(self.training)
 
     def stages(self):
         return [getattr(self, f"stage{i + 1}") for i in range(4)]
@@ -280,9 +289,11 @@ class CSWinTransformer(nn.Module):
         return step
 
     def check_input_size(self, H: int, W: int) -> None:
+        if is_tracing():  # torch.fx: H and W are symbolic
+            return
         step = self.size_step()
         if H % step or W % step:
-            raise ValueError(
+            raise UserError(
                 f"Input size {H}x{W} does not fit this CSWin (split sizes {self.split_size[:4]}): height and "
                 f"width must be multiples of {step} (e.g. {step} or {2 * step}); resize or crop the input.")
 
@@ -303,7 +314,7 @@ class CSWinTransformer(nn.Module):
     def forward_stages(self, x: torch.Tensor, capture: Sequence[int] = (), capture_stage: int = 2,
                        stop: int = 3):
         """Token maps after each stage (NCHW) and those after the 1-based blocks ``capture`` of ``capture_stage``."""
-        H, W = x.shape[-2:]
+        H, W = x.shape[-2], x.shape[-1]
         self.check_input_size(H, W)
         x = self.stage1_conv_embed(x)
         H, W = H // 4, W // 4
@@ -320,7 +331,7 @@ class CSWinTransformer(nn.Module):
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False):
         if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC' (got {output_fmt!r}).")
+            raise UserError(f"output_fmt must be 'NCHW' or 'NLC' (got {output_fmt!r}).")
         take, max_index = feature_take_indices(4, indices)
         outs, _ = self.forward_stages(x, stop=max_index if (stop_early or intermediates_only) else 3)
         inter = []
@@ -368,15 +379,16 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 def _cfg(**kwargs):
     return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': 0.9,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.9,
         'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stage1_conv_embed.0', 'classifier': 'head', 'license': 'mit', **kwargs}
 
 
 default_cfgs = generate_default_cfgs({
-    'cswin_tiny.untrained': _cfg(),
-    'cswin_small.untrained': _cfg(),
-    'cswin_base.untrained': _cfg(),
+    # split size 7 in stage 3 (a 14x14 map at 224) makes every input size other than multiples of 224 invalid
+    'cswin_tiny.untrained': _cfg(fixed_input_size=True),
+    'cswin_small.untrained': _cfg(fixed_input_size=True),
+    'cswin_base.untrained': _cfg(fixed_input_size=True),
     'cswin_test.untrained': _cfg(input_size=(3, 64, 64), crop_pct=1.0),
 })
 

@@ -28,12 +28,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
 
-from ._registry import unwrap_state_dict
+from ..errors import UserError
+from ._registry import accepts_factory_kwargs, factory_context, factory_kwargs_of, is_tracing, unwrap_state_dict
 
 __all__ = ["GPViT", "checkpoint_filter_fn"]
 
@@ -62,7 +63,7 @@ ATTN_IMPLS = ("fast", "reference")
 
 def _check_attn_impl(attn_impl: str) -> str:
     if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl must be 'fast' (SDPA, the default) or 'reference' (the official formulation, for "
+        raise UserError(f"attn_impl must be 'fast' (SDPA, the default) or 'reference' (the official formulation, for "
                          f"checks and benchmarks); got {attn_impl!r}")
     return attn_impl
 
@@ -101,6 +102,16 @@ def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tens
         bias = bias + conv.bias * scale
     return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation,
                     conv.groups)
+
+
+@register_notrace_function  # torch.fx: compares the token grid with the table's; a leaf call in traced graphs
+def resize_pos_embed(pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Position table ``pos`` (1, h, w, C) resized bicubically to the token grid of ``x`` (B, H, W, C) if it differs."""
+    H, W = x.shape[1], x.shape[2]
+    if (H, W) != tuple(pos.shape[1:3]):
+        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
+        pos = pos.permute(0, 2, 3, 1)
+    return pos
 
 
 class ConvStem(nn.Module):
@@ -171,12 +182,12 @@ class StripeAttention(nn.Module):
         t = qkv[:, :, :, :, 0].view(B, H, W // s, s, 3, half).permute(4, 0, 2, 1, 3, 5)
         t = t.reshape(3, B * (W // s), H * s, half)
         o0 = self._attend(t[0], t[1], t[2], self.lepe[0], B * (W // s), H, s)
-        o0 = o0.view(B, W // s, H, s, half).permute(0, 2, 1, 3, 4)  # (B, H, W/s, s, half) view
+        o0 = o0.reshape(B, W // s, H, s, half).permute(0, 2, 1, 3, 4)  # (B, H, W/s, s, half) view
         # half 1, horizontal stripes (s x W): already contiguous row blocks, views only
         t = qkv[:, :, :, :, 1].reshape(B * (H // s), s * W, 3, half)
         o1 = self._attend(t[:, :, 0], t[:, :, 1], t[:, :, 2], self.lepe[1], B * (H // s), s, W)
-        o1 = o1.view(B, H, W // s, s, half)
-        out = torch.cat([o0, o1], dim=-1).view(B, H, W, C)
+        o1 = o1.reshape(B, H, W // s, s, half)  # reshape: a view on real devices (meta strides differ)
+        out = torch.cat([o0, o1], dim=-1).reshape(B, H, W, C)  # a view wherever cat gives contiguous memory
         return self.proj(out)
 
     def _reference_half(self, q, k, v, j: int, H: int, W: int) -> torch.Tensor:
@@ -209,6 +220,7 @@ class StripeAttention(nn.Module):
         return self.proj(torch.cat(halves, dim=2))
 
 
+@register_notrace_module  # torch.fx: shape logic inside; a leaf module in traced graphs
 class LocalBlock(nn.Module):
     """Official ``LePEAttnSimpleDWBlock``: pre-norm stripe attention, FFN, then a bias-free depthwise 3x3 conv whose
     output replaces x (no residual, norm or activation)."""
@@ -315,6 +327,7 @@ class UngroupingAttention(nn.Module):
         return z + self.drop_path2(self.mlp(self.norm2(z)))
 
 
+@register_notrace_module  # torch.fx: shape logic inside; a leaf module in traced graphs
 class GPBlock(nn.Module):
     """Group Propagation block: grouping -> MLP-Mixer -> ungrouping -> depthwise conv + BN + ReLU (no shortcut,
     so the output is >= 0)."""
@@ -363,6 +376,7 @@ class GPBlock(nn.Module):
         return a.view(*a.shape[:3], H, W)
 
 
+@register_notrace_module  # torch.fx: shape logic inside; a leaf module in traced graphs
 class AttentionPoolNeck(nn.Module):
     """Official ``GroupNeck``: one learnable, zero-initialised query (LN eps 1e-5, no projection) attends over the
     final-normed tokens; k = Linear(x) without bias, v = x, no output projection."""
@@ -388,6 +402,7 @@ class AttentionPoolNeck(nn.Module):
         return o.reshape(B, C)
 
 
+@accepts_factory_kwargs
 class GPViT(nn.Module):
     """GPViT classifier / backbone.
 
@@ -442,6 +457,7 @@ class GPViT(nn.Module):
         group_layers = DEFAULT_GROUP_LAYERS if group_layers is None else group_layers
         self.group_layers = {int(k): int(v) for k, v in group_layers.items()}
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.neck_heads = neck_heads
@@ -527,33 +543,34 @@ class GPViT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
+        dd = factory_kwargs_of(self)
         if global_pool is not None and global_pool != self.global_pool:
             assert global_pool in ("attn", "avg", ""), f"global_pool must be 'attn', 'avg' or '', got {global_pool!r}"
             self.global_pool = global_pool
-            self.neck = (AttentionPoolNeck(self.embed_dim, self.neck_heads, self.gp_norm_eps, self.neck_init_std)
-                         if global_pool == "attn" else nn.Identity())
+            with factory_context(**dd):
+                self.neck = (AttentionPoolNeck(self.embed_dim, self.neck_heads, self.gp_norm_eps, self.neck_init_std)
+                             if global_pool == "attn" else nn.Identity())
             self.set_attn_impl(self.attn_impl)
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.train(self.training)  # new modules follow the model's mode
 
     # ------------------------------------------------------------------------------------------------------------
     def check_input_size(self, H: int, W: int) -> None:
+        if is_tracing():  # torch.fx: H and W are symbolic
+            return
         if H % 16 or W % 16 or H == 0 or W == 0:
             def near(v):
                 lo = max(16, v // 16 * 16)
                 return f"{lo}" if lo == v else f"{lo} or {lo + 16}"
-            raise ValueError(
+            raise UserError(
                 f"GPViT takes inputs whose height and width are multiples of 16 (stride-8 tokens cut into stripes of "
                 f"{self.stripe_width}), e.g. 224x224, 256x256 or 512x640; got {H}x{W}. Resize or pad to height "
                 f"{near(H)} and width {near(W)}.")
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Add the position embedding to x (B, H, W, C), resized bicubically when the token grid differs."""
-        B, H, W, C = x.shape
-        pos = self.pos_embed.view(1, self.pos_grid[0], self.pos_grid[1], C)
-        if (H, W) != self.pos_grid:
-            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
-            pos = pos.permute(0, 2, 3, 1)
-        return self.pos_drop((x + pos).contiguous())
+        pos = self.pos_embed.view(1, self.pos_grid[0], self.pos_grid[1], -1)
+        return self.pos_drop((x + resize_pos_embed(pos, x)).contiguous())
 
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, H/8, W/8, C) tokens after the stem and the (resized) position embedding; public for
@@ -635,7 +652,7 @@ class GPViT(nn.Module):
         layers = gp if layers is None else list(layers)
         bad = [i for i in layers if i not in gp]
         if bad:
-            raise ValueError(f"layer(s) {bad} are not GP blocks; this model's GP blocks are at layers "
+            raise UserError(f"layer(s) {bad} are not GP blocks; this model's GP blocks are at layers "
                              f"{', '.join(map(str, gp))}.")
         out = {}
         x = self.embed_tokens(x)
@@ -745,7 +762,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GPViT) -> D
 
 def _cfg(**kwargs):
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (28, 28),
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
         "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),  # = mmcls (123.675, ...)/255
         "first_conv": "patch_embed.stem.0", "classifier": "head", "license": "apache-2.0",
@@ -759,7 +776,7 @@ default_cfgs = generate_default_cfgs({
     "gpvit_l2.in1k": _cfg(),
     "gpvit_l3.in1k": _cfg(),
     "gpvit_l4.in1k": _cfg(),
-    "gpvit_test.untrained": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+    "gpvit_test.untrained": _cfg(input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0),
 })
 
 

@@ -18,24 +18,40 @@ oracle and the speed baseline).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, LayerNorm2d, create_attn, drop_path, trunc_normal_
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, create_attn, drop_path, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtStage
+from torch import nn
 
+from ..errors import UserError
+from ._registry import accepts_factory_kwargs, factory_context, factory_kwargs_of, is_tracing, unwrap_state_dict
 from .cswin import CSWinBlock, CSWinTransformer, channel_shuffle, linspace
-from ._registry import unwrap_state_dict
 
 __all__ = ["GramianNet", "GramianHeads", "GALoss", "checkpoint_filter_fn", "stage3_capture_blocks"]
+
+
+def _check_global_pool(global_pool: str) -> str:
+    """'token' (default) / 'avg': the class-attention heads pool; '': no pooling (forward returns the map)."""
+    if global_pool not in ('', 'avg', 'token'):
+        raise UserError(f"GA models pool with class attention; global_pool={global_pool!r} is not supported "
+                         "(use 'token', or '' for the unpooled map).")
+    return global_pool
+
+
+def _no_autocast(x: torch.Tensor):
+    """Autocast off for the block (fp32/fp64 math); nothing to switch off on the meta device."""
+    if x.device.type == 'meta':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def stage3_capture_blocks(depth: int, n: int) -> List[int]:
@@ -44,7 +60,7 @@ def stage3_capture_blocks(depth: int, n: int) -> List[int]:
         return []
     step = depth // (n + 1)
     if step < 1:
-        raise ValueError(f"stage3_naggre={n} needs a stage-3 depth of at least {n + 1} (got {depth}).")
+        raise UserError(f"stage3_naggre={n} needs a stage-3 depth of at least {n + 1} (got {depth}).")
     return [j for j in range(1, depth + 1) if j % step == 0][:n]
 
 
@@ -131,6 +147,7 @@ class ResNetTrunk(nn.Module):
         return outs, caught
 
 
+@register_notrace_module  # torch.fx: timm ViT with dynamic_img_size; a leaf module in traced graphs
 class ViTTrunk(nn.Module):
     """A timm VisionTransformer without its classifier: the final (normed) patch tokens as one stride-16 map."""
 
@@ -142,15 +159,35 @@ class ViTTrunk(nn.Module):
                                        img_size=img_size, drop_path_rate=drop_path_rate, dynamic_img_size=True, **kwargs)
         self.patch = self.model.patch_embed.patch_size[0]
         self.dims = [self.model.num_features]
-        self.feature_info = [dict(num_chs=self.model.num_features, reduction=self.patch, module='trunk.model.norm')]
+        # features_only / forward_intermediates: every block's stride-16 map, as timm's ViT (default: the last 3)
+        self.feature_info = [dict(num_chs=self.model.embed_dim, reduction=self.patch, module=f'trunk.model.blocks.{i}')
+                             for i in range(len(self.model.blocks))]
         self.grad_checkpointing = False
 
     def size_step(self) -> int:
         return self.patch
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The GA input: the final normed tokens as one stride-16 map (B, C, H/16, W/16)."""
+        return self.model.forward_intermediates(x, indices=1, norm=True, output_fmt='NCHW',
+                                                intermediates_only=True)[0]
+
     def forward_stages(self, x, capture=(), capture_stage=2, stop=0):
-        maps = self.model.forward_intermediates(x, indices=1, norm=True, output_fmt='NCHW', intermediates_only=True)
-        return maps, []
+        """[forward(x)], [] (``stop`` does not apply)."""
+        return [self(x)], []
+
+    def forward_intermediates(self, x, take: List[int], norm: bool, stop_early: bool, intermediates_only: bool):
+        """Block maps ``take`` (timm ViT's forward_intermediates) and, unless ``intermediates_only``, the final
+        normed map of :meth:`forward_stages` from the same pass."""
+        out = self.model.forward_intermediates(x, indices=take, norm=norm, output_fmt='NCHW',
+                                               stop_early=stop_early, intermediates_only=intermediates_only)
+        if intermediates_only:
+            return out
+        tokens, inter = out
+        B, _, H, W = x.shape
+        npt = self.model.num_prefix_tokens
+        final = tokens[:, npt:].transpose(1, 2).reshape(B, tokens.shape[-1], H // self.patch, W // self.patch)
+        return final, inter
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -231,7 +268,7 @@ class StackedLinear(nn.Module):
     def __init__(self, n: int, in_features: int, out_features: int, groups: int = 1, bias: bool = True):
         super().__init__()
         if in_features % groups or out_features % groups:
-            raise ValueError(f"grouped linear {in_features}->{out_features}: both must be divisible by {groups} groups.")
+            raise UserError(f"grouped linear {in_features}->{out_features}: both must be divisible by {groups} groups.")
         self.n, self.in_features, self.out_features, self.groups = n, in_features, out_features, groups
         self.weight = nn.Parameter(torch.empty(n, out_features, in_features // groups))
         self.bias = nn.Parameter(torch.zeros(n, out_features)) if bias else None
@@ -339,6 +376,7 @@ class PerHeadCSWinBlocks(nn.Module):
         return self.blocks[k](x.flatten(2).transpose(1, 2), H, W).transpose(1, 2).reshape(B, g, H, W)
 
 
+@register_notrace_module  # torch.fx: shape logic and autocast control; a leaf module in traced graphs
 class GramianHeads(nn.Module):
     """K Gramian-attention heads on a fused map X (B, D, h, w), computed together.
 
@@ -358,9 +396,9 @@ class GramianHeads(nn.Module):
                                ("gram_dim*(gram_dim+1)/2", L, embed_groups), ("attn_dim", E, attn_heads),
                                ("dim", D, mlp_groups)):
             if val % div:
-                raise ValueError(f"GA head: {what}={val} must be divisible by {div}.")
+                raise UserError(f"GA head: {what}={val} must be divisible by {div}.")
         if gram_precision not in ('fp32', 'fp64', 'official'):
-            raise ValueError(f"gram_precision must be 'fp32', 'fp64' or 'official' (got {gram_precision!r}).")
+            raise UserError(f"gram_precision must be 'fp32', 'fp64' or 'official' (got {gram_precision!r}).")
         self.num_branches, self.dim, self.gram_dim, self.attn_dim, self.attn_heads = K, D, g, E, attn_heads
         self.contraction_groups, self.num_classes = contraction_groups, num_classes
         self.gram_precision = gram_precision
@@ -376,7 +414,7 @@ class GramianHeads(nn.Module):
         elif not gram_layer:
             self.gram_layer = nn.Identity()
         else:
-            raise ValueError(f"gram_layer must be 'convnext', 'cswin' or None (got {gram_layer!r}).")
+            raise UserError(f"gram_layer must be 'convnext', 'cswin' or None (got {gram_layer!r}).")
         self.register_buffer("triu_index", self._triu_flat_index(g), persistent=False)
         self.embed = StackedLinear(K, L, D, groups=embed_groups)
         self.embed_bn = nn.BatchNorm1d(K * D)
@@ -400,8 +438,8 @@ class GramianHeads(nn.Module):
 
     def reset_classifier(self, num_classes: int):
         self.num_classes = num_classes
-        self.fc = StackedLinear(self.num_branches, self.dim, num_classes).to(self.gamma_1.device) \
-            if num_classes > 0 else None
+        with factory_context(**factory_kwargs_of(self)):
+            self.fc = StackedLinear(self.num_branches, self.dim, num_classes) if num_classes > 0 else None
 
     def contract(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -418,13 +456,14 @@ class GramianHeads(nn.Module):
         """(B, K*g, H, W) -> (K, B, g(g+1)/2): upper triangle (row-major, with diagonal), L2-normalised."""
         B, _, H, W = y.shape
         K, g = self.num_branches, self.gram_dim
-        with torch.autocast(device_type=y.device.type, enabled=False):
+        out_dtype = y.dtype  # the embedding's input dtype (autocast casts it for the GEMM either way)
+        with _no_autocast(y):
             # The official /H and /(H*W) scales are left out: they cancel in the normalisation (they only
             # keep fp16 finite, and this runs in fp32/fp64).
             y = y.to(self._gram_dtype(B)).reshape(B * K, g, H * W)
             gram = torch.bmm(y, y.transpose(1, 2))
             v = gram.reshape(B, K, g * g).index_select(2, self.triu_index)
-            v = F.normalize(v, dim=2).float()
+            v = F.normalize(v, dim=2).to(out_dtype)
         return v.transpose(0, 1)
 
     def class_tokens(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
@@ -498,7 +537,7 @@ class GramianHeads(nn.Module):
             if not isinstance(self.gram_layer, nn.Identity):
                 y = self.gram_layer.forward_one(y, k)
             # Gram matrix, upper triangle, L2 normalisation
-            with torch.autocast(device_type=x.device.type, enabled=False):
+            with _no_autocast(x):
                 yy = (y.to(self._gram_dtype(B)) / H).reshape(B, g, H * W)
                 gram = torch.bmm(yy, yy.transpose(1, 2)) / (H * W)
                 v = F.normalize(gram.reshape(B, g * g)[:, self.triu_index]).float()
@@ -530,7 +569,7 @@ HEAD_IMPLS = ('batched', 'reference')
 
 def _check_head_impl(head_impl: str) -> str:
     if head_impl not in HEAD_IMPLS:
-        raise ValueError(f"head_impl must be 'batched' (the K heads computed together, the default) or 'reference' "
+        raise UserError(f"head_impl must be 'batched' (the K heads computed together, the default) or 'reference' "
                          f"(one head after the other, as the official code; for tests and speed baselines); "
                          f"got {head_impl!r}.")
     return head_impl
@@ -557,6 +596,7 @@ def _bn_slice(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, sl: slice, m
 # ------------------------------------------------------------------------------------------------------------
 # the GA classifier
 
+@accepts_factory_kwargs
 class GramianNet(nn.Module):
     """Backbone + multi-scale fusion + stage-5 block + K Gramian attention heads.
 
@@ -572,10 +612,17 @@ class GramianNet(nn.Module):
                  gram_dim: int = 192, attn_dim: Optional[int] = None, attn_heads: int = 8, contraction_groups: int = 1,
                  embed_groups: int = 8, mlp_groups: int = 4, gram_layer: Optional[str] = 'convnext',
                  gram_layer_args: Optional[dict] = None, drop_rate: float = 0., drop_path_rate: float = 0.,
-                 gram_precision: str = 'fp32', train_output: str = 'heads', head_impl: str = 'batched'):
+                 gram_precision: str = 'fp32', train_output: str = 'heads', head_impl: str = 'batched',
+                 global_pool: str = 'token'):
         super().__init__()
+        if isinstance(img_size, (tuple, list)):  # timm passes (H, W) for fixed_input_size cfgs
+            if len(set(img_size)) != 1:
+                raise UserError(f"GA models take square inputs; got img_size={tuple(img_size)}")
+            img_size = int(img_size[0])
+        self.in_chans = in_chans
+        self.global_pool = _check_global_pool(global_pool)
         if train_output not in ('heads', 'sum'):
-            raise ValueError(f"train_output must be 'heads' or 'sum' (got {train_output!r}).")
+            raise UserError(f"train_output must be 'heads' or 'sum' (got {train_output!r}).")
         args = dict(backbone_args or {})
         self.num_classes, self.train_output, self.drop_rate = num_classes, train_output, drop_rate
         self.num_branches = num_branches
@@ -596,7 +643,7 @@ class GramianNet(nn.Module):
             self.trunk = ViTTrunk(in_chans=in_chans, img_size=img_size, drop_path_rate=drop_path_rate, **args)
             dims, depths, stage3_naggre = self.trunk.dims, [], 0
         else:
-            raise ValueError(f"backbone must be 'convnext', 'cswin', 'resnet' or 'vit' (got {backbone!r}).")
+            raise UserError(f"backbone must be 'convnext', 'cswin', 'resnet' or 'vit' (got {backbone!r}).")
         self.capture = stage3_capture_blocks(depths[2], stage3_naggre) if stage3_naggre else []
         if len(dims) == 4:
             in5 = dims[0] + dims[1] + dims[2] * (len(self.capture) + 1) + dims[3]
@@ -610,10 +657,10 @@ class GramianNet(nn.Module):
             self.stage5 = CSWinFusion(in5, D, reso=reso, drop_path=drop_path_rate, **(fusion_args or {}))
         elif not fusion:
             if D != in5:
-                raise ValueError(f"without a fusion block the heads' dim must equal the features' {in5} (got {D}).")
+                raise UserError(f"without a fusion block the heads' dim must equal the features' {in5} (got {D}).")
             self.stage5 = nn.Identity()
         else:
-            raise ValueError(f"fusion must be 'bottleneck', 'cswin' or None (got {fusion!r}).")
+            raise UserError(f"fusion must be 'bottleneck', 'cswin' or None (got {fusion!r}).")
         if gram_layer == 'cswin':
             gram_layer_args = dict(dict(num_heads=6, split_size=7, mlp_ratio=4., mlp_groups=1), **(gram_layer_args or {}))
             gram_layer_args.update(reso=reso, last_stage=gram_layer_args['split_size'] >= reso)
@@ -649,15 +696,18 @@ class GramianNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """New per-head classifiers (the official method references a missing ``self.head``)."""
-        if global_pool not in (None, '', 'avg', 'token'):
-            raise ValueError(f"GA models pool with class attention; global_pool={global_pool!r} is not supported.")
+        if global_pool is not None:
+            self.global_pool = _check_global_pool(global_pool)
         self.num_classes = num_classes
         self.heads.reset_classifier(num_classes)
+        self.heads.train(self.training)
 
     def check_input_size(self, H: int, W: int) -> None:
+        if is_tracing():  # torch.fx: H and W are symbolic
+            return
         step = self.trunk.size_step()
         if H % step or W % step:
-            raise ValueError(
+            raise UserError(
                 f"GA model got a {H}x{W} input: height and width must be multiples of {step} (e.g. 224, 448 for "
                 f"CSWin; 224, 256, 288 for ConvNeXt) so that the strides 4/8/16/32 maps line up on the stride-16 "
                 f"grid (the official code only takes 224). Resize or crop the input.")
@@ -674,7 +724,9 @@ class GramianNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The fused stage-5 map X (B, D, H/16, W/16) that every head reads."""
-        self.check_input_size(*x.shape[-2:])
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        if isinstance(self.trunk, ViTTrunk):  # a module call: a leaf in torch.fx graphs
+            return self.stage5(self.trunk(x))
         maps, caught = self.trunk.forward_stages(x, self.capture)
         return self.stage5(self.fuse(maps, caught))
 
@@ -683,6 +735,8 @@ class GramianNet(nn.Module):
         return self.heads(x, pre_logits)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.global_pool:  # global_pool='' (timm: no pooling): the unpooled map, no heads
+            return x
         out = self.heads(x, pre_logits)
         if self.training and self.train_output == 'heads':
             return out
@@ -696,10 +750,13 @@ class GramianNet(nn.Module):
                               intermediates_only: bool = False):
         """Backbone stage maps (strides 4/8/16/32) for features_only / dense heads."""
         if output_fmt != 'NCHW':
-            raise ValueError("GA models give NCHW intermediates only.")
+            raise UserError("GA models give NCHW intermediates only.")
         n_maps = len(self.feature_info)
         take, max_index = feature_take_indices(n_maps, indices)
-        self.check_input_size(*x.shape[-2:])
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        if isinstance(self.trunk, ViTTrunk):  # block maps; the heads read the final normed map
+            out = self.trunk.forward_intermediates(x, take, norm, stop_early, intermediates_only)
+            return out if intermediates_only else (self.stage5(out[0]), out[1])
         stop = max_index if (intermediates_only or stop_early) else n_maps - 1
         maps, caught = self.trunk.forward_stages(x, self.capture if stop == n_maps - 1 else (), stop=stop)
         inter = [maps[i] for i in take]
@@ -733,7 +790,7 @@ class GALoss(nn.Module):
                  reduction: str = 'mean'):
         super().__init__()
         if reduction != 'mean':
-            raise ValueError("GALoss supports reduction='mean' only (as the official code).")
+            raise UserError("GALoss supports reduction='mean' only (as the official code).")
         self.lam, self.smoothing, self.target_threshold = lam, smoothing, target_threshold
 
     def dense_target(self, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -748,7 +805,7 @@ class GALoss(nn.Module):
         if output.dim() == 2:
             output = output.unsqueeze(0)
         if output.dim() != 3:
-            raise ValueError(f"GALoss expects per-head logits (K, B, C) or logits (B, C); got shape {tuple(output.shape)}.")
+            raise UserError(f"GALoss expects per-head logits (K, B, C) or logits (B, C); got shape {tuple(output.shape)}.")
         z = output.float()
         K, B, C = z.shape
         t = self.dense_target(target, C)
@@ -868,12 +925,12 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 def _cfg(**kwargs):
     return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': 0.875,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14), 'crop_pct': 0.875,
         'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'trunk.stem.0', 'classifier': 'heads.fc', 'license': 'apache-2.0', **kwargs}
 
 
-_CSWIN_CFG = dict(crop_pct=0.9, first_conv='trunk.stage1_conv_embed.0')
+_CSWIN_CFG = dict(crop_pct=0.9, first_conv='trunk.stage1_conv_embed.0', fixed_input_size=True)  # as cswin_*
 
 default_cfgs = generate_default_cfgs({
     'ga_convnext_tiny_688.untrained': _cfg(),
@@ -886,14 +943,14 @@ default_cfgs = generate_default_cfgs({
     'ga_cswin_small.untrained': _cfg(**_CSWIN_CFG),
     'ga_resnet50.untrained': _cfg(crop_pct=0.95, first_conv='trunk.model.conv1'),
     'ga_vit_small.untrained': _cfg(crop_pct=0.9, first_conv='trunk.model.patch_embed.proj'),
-    'ga_test.untrained': _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+    'ga_test.untrained': _cfg(input_size=(3, 32, 32), pool_size=(2, 2), crop_pct=1.0),
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> GramianNet:
+def _create(variant: str, pretrained: bool = False, out_indices=(0, 1, 2, 3), **kwargs) -> GramianNet:
     return build_model_with_cfg(
         GramianNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)), **kwargs)
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **kwargs)
 
 
 def _convnext_args(depths, dims, dim_embed, naggre, **kwargs):
@@ -975,7 +1032,7 @@ def ga_vit_small(pretrained=False, **kwargs) -> GramianNet:
     block, 5 heads with D=384, g=96, E=96, GMLP groups 4 and no gram layer."""
     args = dict(backbone='vit', backbone_args=dict(model_name='vit_small_patch16_224'), fusion=None,
                 attn_dim=96, gram_dim=96, embed_groups=8, mlp_groups=4, gram_layer=None)
-    return _create('ga_vit_small', pretrained, **dict(args, **kwargs))
+    return _create('ga_vit_small', pretrained, **dict(args, out_indices=3, **kwargs))  # last 3 blocks, as timm ViT
 
 
 @register_model
@@ -1006,5 +1063,9 @@ MODEL_ALIASES = {
     'ga_CSWin_64_12211_tiny_224': ga_cswin_tiny,
     'ga_CSWin_64_24322_small_224': ga_cswin_small,
 }
+# an alias carries its target's cfg (timm reads a model's cfgs from default_cfgs when it is registered)
+default_cfgs.update(generate_default_cfgs({
+    f'{_name}.untrained': dict(default_cfgs[_target.__name__].cfgs['untrained'].to_dict(), architecture=_name)
+    for _name, _target in MODEL_ALIASES.items()}))
 for _name, _target in MODEL_ALIASES.items():
     globals()[_name] = _alias(_name, _target)

@@ -23,6 +23,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..errors import UserError
+from ._registry import accepts_factory_kwargs, is_tracing
+
 __all__ = ["GrassmannHead", "GrassmannClassifier", "to_grassmann", "checkpoint_filter_fn", "grassmann_heads"]
 
 
@@ -39,9 +42,9 @@ class GrassmannHead(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         if dim < 1 or dim > in_features:
-            raise ValueError(f"GrassmannHead: subspace dim must be in [1, in_features={in_features}], got {dim}.")
+            raise UserError(f"GrassmannHead: subspace dim must be in [1, in_features={in_features}], got {dim}.")
         if num_classes < 1:
-            raise ValueError(f"GrassmannHead: num_classes must be >= 1, got {num_classes} (use nn.Identity for 0).")
+            raise UserError(f"GrassmannHead: num_classes must be >= 1, got {num_classes} (use nn.Identity for 0).")
         self.in_features, self.num_classes, self.dim, self.gamma = in_features, num_classes, dim, float(gamma)
         self.weight = nn.Parameter(torch.empty(num_classes * dim, in_features, device=device, dtype=dtype))
         self.reset_parameters()
@@ -61,8 +64,8 @@ class GrassmannHead(nn.Module):
         return self.weight.view(self.num_classes, self.dim, self.in_features).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"GrassmannHead expects features of width {self.in_features}, got shape {tuple(x.shape)}.")
+        if not is_tracing() and x.shape[-1] != self.in_features:
+            raise UserError(f"GrassmannHead expects features of width {self.in_features}, got shape {tuple(x.shape)}.")
         z = self.gamma * F.linear(F.normalize(x, dim=-1), self.weight)  # gamma before the norm, as official
         return torch.linalg.vector_norm(z.unflatten(-1, (self.num_classes, self.dim)), dim=-1)
 
@@ -75,6 +78,7 @@ def grassmann_heads(model: nn.Module) -> list[tuple[str, GrassmannHead]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GrassmannHead)]
 
 
+@accepts_factory_kwargs
 class GrassmannClassifier(nn.Module):
     """Any backbone + a GCR head, with the timm classifier API.
 
@@ -98,7 +102,7 @@ class GrassmannClassifier(nn.Module):
             backbone = timm.create_model(backbone, num_classes=0, **{**(backbone_kwargs or {}), **kwargs})
         else:
             if kwargs or backbone_kwargs:
-                raise ValueError(f"GrassmannClassifier: backbone kwargs {sorted({**(backbone_kwargs or {}), **kwargs})}"
+                raise UserError(f"GrassmannClassifier: backbone kwargs {sorted({**(backbone_kwargs or {}), **kwargs})}"
                                  " only apply when the backbone is given by name.")
             backbone.reset_classifier(0)
         for attr in ("forward_features", "forward_head"):
@@ -108,10 +112,12 @@ class GrassmannClassifier(nn.Module):
         if pre_logits_drop is not None:
             drop = getattr(getattr(backbone, "pre_logits", None), "drop", None)
             if not isinstance(drop, nn.Dropout):
-                raise ValueError(f"pre_logits_drop: backbone {type(backbone).__name__} has no pre_logits.drop "
+                raise UserError(f"pre_logits_drop: backbone {type(backbone).__name__} has no pre_logits.drop "
                                  "(only timm VGG-style backbones have one); leave it None.")
             drop.p = float(pre_logits_drop)
         self.backbone = backbone
+        self.output_fmt = getattr(backbone, "output_fmt", "NCHW")  # timm's swin: NHWC maps
+        self.in_chans = getattr(backbone, "in_chans", None) or {**(backbone_kwargs or {}), **kwargs}.get("in_chans", 3)
         self.dim, self.gamma, self.drop_rate = dim, float(gamma), drop_rate
         self.num_features = backbone.num_features
         self.head_hidden_size = getattr(backbone, "head_hidden_size", backbone.num_features)
@@ -145,6 +151,7 @@ class GrassmannClassifier(nn.Module):
         dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         self.head = GrassmannHead(self.head_hidden_size, num_classes, self.dim, self.gamma, **dd) \
             if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
@@ -182,7 +189,7 @@ def to_grassmann(model: str | nn.Module, dim: int = 8, gamma: float = 25.0, num_
     if isinstance(model, str):
         model = timm.create_model(model, **kwargs)
     elif kwargs:
-        raise ValueError(f"to_grassmann: extra kwargs {sorted(kwargs)} only apply when the model is given by name.")
+        raise UserError(f"to_grassmann: extra kwargs {sorted(kwargs)} only apply when the model is given by name.")
     n = model.num_classes if num_classes is None else num_classes
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     out = GrassmannClassifier(model, num_classes=n, dim=dim, gamma=gamma, drop_rate=drop_rate)
@@ -354,7 +361,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 def _cfg(first_conv: str, crop_pct: float = 0.875, interpolation: str = "bilinear", **kwargs) -> dict:
     return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": crop_pct,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": crop_pct,
         "interpolation": interpolation, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": first_conv, "classifier": "head", "license": "apache-2.0",
         "paper_ids": "arXiv:2308.01547", "origin_url": "https://github.com/innerlee/GCR", **kwargs,
@@ -383,13 +390,18 @@ default_cfgs = generate_default_cfgs({
                                                    fixed_input_size=True),
     "deit3_small_patch16_224_gcr8.in1k": _cfg("backbone.patch_embed.proj", crop_pct=1.0, interpolation="bicubic",
                                               fixed_input_size=True),
-    "gcr_test.untrained": _cfg("backbone.conv1.0", crop_pct=1.0, input_size=(3, 32, 32)),
+    "gcr_test.untrained": _cfg("backbone.conv1.0", crop_pct=1.0, input_size=(3, 32, 32), pool_size=(1, 1)),
 })
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> GrassmannClassifier:
+    # features_only: the backbone builder's own default levels (timm: swin 4 stages, ViT the last 3 blocks)
+    out_indices = kwargs.pop("out_indices", _OUT_INDICES.get(kwargs.get("backbone"), (0, 1, 2, 3, 4)))
     return build_model_with_cfg(GrassmannClassifier, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls="getter"), **kwargs)
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+
+
+_OUT_INDICES = {"swin_tiny_patch4_window7_224": (0, 1, 2, 3), "deit3_small_patch16_224": 3}
 
 
 def _gcr(variant: str, backbone: str, dim: int, pretrained: bool, kwargs: dict, **defaults) -> GrassmannClassifier:

@@ -22,9 +22,12 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
-from timm.layers import trunc_normal_
+
+from ..errors import UserError
+from ._registry import is_tracing
 
 __all__ = [
     "UDIVisionTransformer", "dino_resample_pos_embed", "checkpoint_filter_fn", "to_timm_vit_state_dict",
@@ -34,6 +37,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
+@register_notrace_function  # torch.fx: shape logic; a leaf call in traced graphs (as timm's resample_abs_pos_embed)
 def dino_resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int,
                             old_grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """DINO's ``interpolate_pos_encoding``: bicubic with ``scale_factor=(g + 0.1) / G`` (not a resize to ``g``).
@@ -55,9 +59,12 @@ def dino_resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_
         mode="bicubic", align_corners=False,
     ).to(pos_embed.dtype)
     if tuple(patch.shape[-2:]) != tuple(grid):  # cannot happen for sane sizes; guard against silent misuse
-        raise ValueError(f"DINO pos-embed resampling produced grid {tuple(patch.shape[-2:])}, wanted {grid}")
+        raise UserError(f"DINO pos-embed resampling produced grid {tuple(patch.shape[-2:])}, wanted {grid}")
     patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
     return torch.cat([prefix, patch], dim=1)
+
+
+torch.fx.wrap("dino_resample_pos_embed")  # called from a method: wrapped in every trace, not just autowrapped
 
 
 class UDIVisionTransformer(VisionTransformer):
@@ -67,7 +74,7 @@ class UDIVisionTransformer(VisionTransformer):
         kwargs.setdefault("class_token", True)
         kwargs.setdefault("no_embed_class", False)
         if not kwargs["class_token"] or kwargs["no_embed_class"]:
-            raise ValueError("UDIVisionTransformer needs class_token=True and no_embed_class=False "
+            raise UserError("UDIVisionTransformer needs class_token=True and no_embed_class=False "
                              "(the official layout has a pos_embed row per class token).")
         super().__init__(*args, reg_tokens=reg_tokens, dynamic_img_size=dynamic_img_size, **kwargs)
 
@@ -80,13 +87,15 @@ class UDIVisionTransformer(VisionTransformer):
 
     def _check_input(self, x: torch.Tensor) -> None:
         p = self.patch_embed.patch_size
+        if is_tracing():  # torch.fx: the shape is symbolic
+            return
         if x.ndim != 4 or x.shape[-2] % p[0] or x.shape[-1] % p[1]:
-            raise ValueError(
+            raise UserError(
                 f"{type(self).__name__} takes [B, C, H, W] images with H and W multiples of the patch size {p[0]} "
                 f"(e.g. 224 or 96 for patch 16); got shape {tuple(x.shape)}.")
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:  # dynamic_img_size: patch_embed returns NHWC
+        if self.dynamic_img_size:  # patch_embed returns NHWC (a static test: torch.fx traces it)
             B, H, W, C = x.shape
             x = x.reshape(B, H * W, C)
             grid = (H, W)
@@ -177,7 +186,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: VisionTransformer) -> Dict[str
     if cls is not None and "reg_token" not in sd:
         n_ckpt = cls.shape[1]
         if n_ckpt < npt:
-            raise ValueError(f"checkpoint has {n_ckpt} class token(s), the model needs {npt}: build the model "
+            raise UserError(f"checkpoint has {n_ckpt} class token(s), the model needs {npt}: build the model "
                              "with reg_tokens=0 for a 1-token (DINO) checkpoint.")
         sd["cls_token"] = cls[:, :1]
         if n_reg:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..errors import UserError
+
 __all__ = ["GrassmannOptimizer", "create_grassmann_optimizer", "grassmann_param_groups", "clip_parameters"]
 
 _BASES = ("sgd", "adamw", "lamb")
@@ -46,7 +48,7 @@ def _base_class(base: str | type) -> type:
         from timm.optim import Lamb
 
         return Lamb
-    raise ValueError(f"Unknown Euclidean optimizer '{base}' for GCR. Valid: {', '.join(_BASES)} "
+    raise UserError(f"Unknown Euclidean optimizer '{base}' for GCR. Valid: {', '.join(_BASES)} "
                      "(optionally prefixed gcr_, e.g. opt: gcr_lamb).")
 
 
@@ -72,10 +74,10 @@ class GrassmannOptimizer(Optimizer):
                  clip_mode: str = "norm", **base_kwargs: Any):
         groups = list(params)
         if not groups or not all(isinstance(g, dict) for g in groups):
-            raise ValueError("GrassmannOptimizer needs a list of param-group dicts (geometry groups marked "
+            raise UserError("GrassmannOptimizer needs a list of param-group dicts (geometry groups marked "
                              "grassmann=True); build them with grassmann_param_groups(model, ...).")
         if int(reorth_step) < 1:
-            raise ValueError(f"reorth_step must be >= 1, got {reorth_step}.")
+            raise UserError(f"reorth_step must be >= 1, got {reorth_step}.")
         self.base_cls = _base_class(base)
         self.reorth_step, self.clip_grad, self.clip_mode = int(reorth_step), clip_grad, clip_mode
         self._counter = 0  # subspace updates done (drives the periodic QR); saved in state_dict
@@ -84,7 +86,7 @@ class GrassmannOptimizer(Optimizer):
         euclid = [g for g in groups if not g.get("grassmann")]
         geo = [self._geo_group(g) for g in groups if g.get("grassmann")]
         if not geo:
-            raise ValueError("GrassmannOptimizer got no geometry group (grassmann=True): the model has no "
+            raise UserError("GrassmannOptimizer got no geometry group (grassmann=True): the model has no "
                              "GrassmannHead. Use a *_gcr* model or visionzoo.models.grassmann.to_grassmann().")
         if self.base_cls is torch.optim.SGD:
             base_kwargs.setdefault("momentum", momentum)
@@ -96,7 +98,7 @@ class GrassmannOptimizer(Optimizer):
 
     def _geo_group(self, group: dict) -> dict:
         if "subspace_dim" not in group or int(group["subspace_dim"]) < 1:
-            raise ValueError("A geometry param group (grassmann=True) needs 'subspace_dim' (k of the GrassmannHead).")
+            raise UserError("A geometry param group (grassmann=True) needs 'subspace_dim' (k of the GrassmannHead).")
         for k, v in self._geo_defaults.items():
             group.setdefault(k, v)
         group["weight_decay"] = 0.0  # never on subspaces (and it would be normal to the manifold anyway)
@@ -114,7 +116,7 @@ class GrassmannOptimizer(Optimizer):
             if param_group.get("grassmann"):
                 param_group = self._geo_group(param_group)
             elif self.base is None:
-                raise ValueError("GrassmannOptimizer built without Euclidean groups cannot add one; rebuild it.")
+                raise UserError("GrassmannOptimizer built without Euclidean groups cannot add one; rebuild it.")
             else:
                 self.base.add_param_group(param_group)
                 self.base.param_groups.pop()  # re-added by _bind below in the composite order
@@ -176,7 +178,7 @@ class GrassmannOptimizer(Optimizer):
     def _subspace_step(self, p: torch.Tensor, group: dict) -> None:
         k = int(group["subspace_dim"])
         if p.ndim != 2 or p.shape[0] % k:
-            raise ValueError(f"Geometry parameter of shape {tuple(p.shape)} is not (num_classes*{k}, in_features).")
+            raise UserError(f"Geometry parameter of shape {tuple(p.shape)} is not (num_classes*{k}, in_features).")
         d = p.grad
         mu = group["momentum"]
         if mu != 0:

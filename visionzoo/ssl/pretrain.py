@@ -9,20 +9,19 @@ itself; ``--output PARENT --experiment NAME`` is ``PARENT/NAME``; with neither, 
 """
 from __future__ import annotations
 
-from ..engine.config import config_overrides
+from ..engine.config import config_overrides, parse_yaml
+from ..errors import UserError
 
 METHODS = ("udi",)
 
 
 def _parse_sets(items: list[str]) -> dict:
-    import yaml
-
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set {item!r} must look like KEY=VALUE (e.g. --set eval_every=5).")
+            raise UserError(f"--set {item!r} must look like KEY=VALUE (e.g. --set eval_every=5).")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        out[k.strip().replace("-", "_")] = parse_yaml(v, f"--set {item}")
     return out
 
 
@@ -57,12 +56,11 @@ def run_folder(args) -> str | None:
 
 def run(args) -> int:
     if args.method not in METHODS:  # argparse checks too; kept for programmatic callers
-        raise ValueError(f"unknown pretraining method {args.method!r}; available: {', '.join(METHODS)}.")
+        raise UserError(f"unknown pretraining method {args.method!r}; available: {', '.join(METHODS)}.")
     cfg = build_config(args)
     if args.profile is not None:
-        from .udi import profile_pretrain
-
         from ..engine.profile import report
+        from .udi import profile_pretrain
 
         print(report(profile_pretrain(cfg, args.profile, device=args.device), f"UDI {cfg.model}"))
         return 0
@@ -70,7 +68,7 @@ def run(args) -> int:
 
     out = run_folder(args)
     if args.resume is True and out is None:
-        raise ValueError("--resume alone continues the run folder named by --out (or --output): name it, or pass "
+        raise UserError("--resume alone continues the run folder named by --out (or --output): name it, or pass "
                          "--resume RUN.")
     summary = pretrain(cfg, out, resume=args.resume or False, device=args.device, progress=args.progress)
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.task import Task
+from ..errors import UserError
 from ..tasks.classify import build_optimizer, timm_schedule
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -65,7 +66,7 @@ def head_dim(head: str) -> int:
         return 0
     if head.startswith("gcr") and head[3:].isdigit() and int(head[3:]) >= 1:
         return int(head[3:])
-    raise ValueError(f"unknown head {head!r}: use softmax or gcr<k> (e.g. gcr4)")
+    raise UserError(f"unknown head {head!r}: use softmax or gcr<k> (e.g. gcr4)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from ..engine.evaluate import evaluate, per_class_report
 from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
 from ..engine.schedule import timm_schedule
 from ..engine.task import Context, Task
+from ..errors import UserError
 
 # loss name -> "module:class" of a family loss taking (smoothing=..., **loss_kwargs)
 LOSSES = {"ga": "visionzoo.models.gramian:GALoss"}
@@ -32,7 +33,7 @@ def build_loss(cfg: TrainConfig, mixup_active: bool) -> nn.Module:
         module, name = LOSSES[cfg.loss].split(":")
         kwargs = {"smoothing": 0.0 if mixup_active else cfg.smoothing, **cfg.loss_kwargs}
         return getattr(importlib.import_module(module), name)(**kwargs)
-    raise ValueError(f"Unknown loss '{cfg.loss}'. Valid: ce, bce, {', '.join(LOSSES)}.")
+    raise UserError(f"Unknown loss '{cfg.loss}'. Valid: ce, bce, {', '.join(LOSSES)}.")
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -72,9 +73,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.head_init_scale is not None:
         head = model.get_classifier()
         if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
-            raise ValueError(f"head_init_scale needs a classifier; model '{cfg.model}' has none (num_classes=0?)")
+            raise UserError(f"head_init_scale needs a classifier; model '{cfg.model}' has none (num_classes=0?)")
         if any(getattr(m, "on_manifold", False) for m in head.modules()):
-            raise ValueError("head_init_scale would move GCR class subspaces off the Grassmann manifold (their "
+            raise UserError("head_init_scale would move GCR class subspaces off the Grassmann manifold (their "
                              "bases must stay orthonormal): leave it unset for GCR models.")
         with torch.no_grad():
             for p in head.parameters():
@@ -90,10 +91,14 @@ def check_input_size(model: nn.Module, img_size: int, in_chans: int = 3) -> None
         with torch.no_grad():
             model(torch.zeros(1, in_chans, img_size, img_size))
     except (ValueError, AssertionError, RuntimeError) as e:
-        raise ValueError(f"Model '{model.pretrained_cfg.get('architecture')}' cannot take {img_size}x{img_size} "
+        raise UserError(f"Model '{model.pretrained_cfg.get('architecture')}' cannot take {img_size}x{img_size} "
                          f"inputs: {e}") from None
     finally:
         model.train(was_training)
+
+
+def _data_name(cfg: TrainConfig) -> str:
+    return "digits" if cfg.dataset == "digits" else f"{cfg.data_dir}/{cfg.train_split}"
 
 
 class ClassifyTask(Task):
@@ -105,12 +110,17 @@ class ClassifyTask(Task):
 
         cfg = self.cfg
         probe = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, transform=None)
-        self.num_classes = cfg.num_classes or len(probe.classes)
+        n_data = len(probe.classes)
+        if cfg.num_classes is not None and cfg.num_classes < n_data:  # labels >= num_classes: an index error later
+            raise UserError(f"--num-classes {cfg.num_classes} is fewer than the {n_data} classes of the training data "
+                             f"({_data_name(cfg)}); leave it out to take {n_data} from the data, or pass "
+                             f"--num-classes {n_data} or more.")
+        self.num_classes = n_data if cfg.num_classes is None else cfg.num_classes  # None: from the data
 
     def build_model(self, ctx: Context) -> nn.Module:
         from timm.data import resolve_data_config
 
-        from ..data.datasets import build_dataset
+        from ..data.datasets import build_dataset, check_same_classes
         from ..data.transforms import build_eval_transform, build_train_transform
 
         cfg = self.cfg
@@ -129,6 +139,7 @@ class ClassifyTask(Task):
         eval_tf = build_eval_transform(model=model, img_size=eval_size, crop_pct=crop_pct)
         self.train_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, transform=train_tf)
         self.val_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, transform=eval_tf)
+        check_same_classes({cfg.train_split: self.train_set, cfg.val_split: self.val_set})
         self.data_config = {"input_size": (3, eval_size, eval_size), "crop_pct": crop_pct, "mean": data_cfg["mean"],
                             "std": data_cfg["std"], "interpolation": data_cfg["interpolation"]}
         self.mixup = build_mixup(cfg, self.num_classes)

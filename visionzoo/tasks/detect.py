@@ -24,6 +24,7 @@ from ..engine.sampling import seed_model_init
 from ..engine.schedule import FactorSchedule, mmcv_factor
 from ..engine.state import resume_folder
 from ..engine.task import Context, Task, read_task_model, save_task_model
+from ..errors import InputNotFoundError, UserError
 from ..files import safe_torch_load
 
 TASK = "detect"
@@ -46,7 +47,7 @@ class DetectTask(Task):
         # scored against the COCO api's ground truth: no masks needed
         self.val_set = det.CocoDetection(self.root, cfg.val_split, train=False, masks=False)
         if len(self.train_set) == 0:
-            raise ValueError(f"no training image with a box in {self.root}/{cfg.train_split}")
+            raise UserError(f"no training image with a box in {self.root}/{cfg.train_split}")
         self.classes = list(self.train_set.classes)
 
     def build_model(self, ctx: Context) -> nn.Module:
@@ -107,7 +108,6 @@ class DetectTask(Task):
                 f"{len(self.val_set)} val images ({cfg.dataset}), {len(self.classes)} classes")
 
 
-
 def untrained_detector(cfg: DetectionConfig, device="cpu") -> nn.Module:
     """The detector a run of ``cfg`` starts from (the loop's seeded init, the recipe's pretrained backbone): the
     baseline of the learning checks. Class names come from the training annotations."""
@@ -166,7 +166,7 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, DetectionConfig, list 
     ``step``. Torch files are read with weights_only=True, so nothing in them can run."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} (give a `visionzoo detect train` run folder, its best/ "
+        raise InputNotFoundError(f"checkpoint not found: {path} (give a `visionzoo detect train` run folder, its best/ "
                                 f"or last/, or an older last.pth)")
     config = state = None
     if path.suffix == ".safetensors":
@@ -185,13 +185,13 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, DetectionConfig, list 
                     path = path / name
                     break
             else:
-                raise FileNotFoundError(
+                raise InputNotFoundError(
                     f"{path} holds no detector (best/ or last/ of a `visionzoo detect train` run, an exported folder, "
                     f"train_state.pt, or an older run's last.pth)") from None
     if state is None:
         obj = safe_torch_load(path)
         if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)):
-            raise ValueError(f"{path} is not a detection checkpoint (no model + config): pass the run folder.")
+            raise UserError(f"{path} is not a detection checkpoint (no model + config): pass the run folder.")
         config, state = dict(obj["config"]), obj["model"]
         info["step"] = int(obj.get("iteration") or (obj.get("progress") or {}).get("global_step") or 0)
         if obj.get("classes"):
@@ -209,7 +209,7 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, DetectionConfig, list 
         cfg = dataclasses.replace(cfg, data_dir=None)  # the run folder moved: its shapes are next to the weights
     num_classes = len(classes) if classes else _num_classes(state)
     if num_classes is None:
-        raise ValueError(f"{info['source']}: cannot tell the detector's number of classes from it.")
+        raise UserError(f"{info['source']}: cannot tell the detector's number of classes from it.")
     model = det.build_detector(cfg, num_classes, pretrained=False)
     try:
         model.load_state_dict(state)

@@ -13,14 +13,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..dense.pointcloud import (PointCloudConfig, PointCloudSplit, augment, build_model, load_data,
-                                metrics_from_counts, smooth_ce)
+from ..dense.pointcloud import (PointCloudConfig, PointCloudSplit, augment, build_model, load_data, metrics_from_counts,
+                                smooth_ce)
 from ..engine.config import split_run_path
 from ..engine.distributed import all_reduce_sum
 from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
 from ..engine.schedule import FactorSchedule
 from ..engine.state import resume_folder
 from ..engine.task import Context, Task
+from ..errors import InputNotFoundError, UserError
 from ..files import safe_torch_load
 
 
@@ -193,7 +194,7 @@ def load_checkpoint_model(path: str | Path, cfg: PointCloudConfig) -> tuple[nn.M
                 path = path / name
                 break
         else:
-            raise FileNotFoundError(f"{path} holds no point-cloud weights (best/ or last/, train_state.pt, best.pth "
+            raise InputNotFoundError(f"{path} holds no point-cloud weights (best/ or last/, train_state.pt, best.pth "
                                     f"or last.pth): pass a run folder, a save_pretrained folder or a weights file.")
     obj = safe_torch_load(path) if path.suffix != ".safetensors" else None
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("model"), dict):
@@ -225,7 +226,7 @@ def evaluate_checkpoint(path: str | Path, cfg: PointCloudConfig, device: str | N
     dev = resolve_device(device)
     _, test = load_data(cfg)
     if len(test.classes) != cfg.num_classes:
-        raise ValueError(f"{path} classifies {cfg.num_classes} classes but {cfg.dataset} has {len(test.classes)}: "
+        raise UserError(f"{path} classifies {cfg.num_classes} classes but {cfg.dataset} has {len(test.classes)}: "
                          f"evaluate it on the dataset it was trained on (--data).")
     m = evaluate_split(model.to(dev), test, dev)
     return {"test_oa": m["oa"], "test_macc": m["macc"], "test_size": len(test), "num_classes": cfg.num_classes}

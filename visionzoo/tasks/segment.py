@@ -23,6 +23,7 @@ from ..engine.sampling import seed_model_init
 from ..engine.schedule import FactorSchedule, mmcv_factor
 from ..engine.state import resume_folder
 from ..engine.task import Context, Task, read_task_model, save_task_model
+from ..errors import InputNotFoundError, UserError
 from ..files import safe_torch_load
 
 TASK = "segment"
@@ -84,7 +85,6 @@ class SegmentTask(Task):
                 f"({cfg.dataset}), {cfg.num_classes} classes")
 
 
-
 def untrained_segmentor(cfg: SegmentationConfig) -> nn.Module:
     """The segmentor with the initial weights a run of ``cfg`` starts from (the learning check's baseline)."""
     seed_model_init(cfg.seed)
@@ -121,7 +121,7 @@ def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, d
     iter_N.pth. ``info``: ``step`` and ``data_root``. Torch files are read with weights_only=True."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} (give a run folder, its best/ or last/, or an "
+        raise InputNotFoundError(f"checkpoint not found: {path} (give a run folder, its best/ or last/, or an "
                                 f"older iter_N.pth)")
     config = state = None
     info: dict = {"source": str(path)}
@@ -135,7 +135,7 @@ def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, d
             if (path / "train_state.pt").is_file():
                 old.append((float("inf"), path / "train_state.pt"))  # a run stopped before its first export
             if not old:
-                raise FileNotFoundError(
+                raise InputNotFoundError(
                     f"{path} holds no segmentation model (best/ or last/ of a `visionzoo segment train` run, an "
                     f"exported folder, or an older run's iter_N.pth)") from None
             path = old[-1][1]
@@ -145,7 +145,7 @@ def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, d
     if state is None:
         obj = safe_torch_load(path)
         if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)):
-            raise ValueError(f"{path} is not a segmentation checkpoint (no model + config): pass the run folder.")
+            raise UserError(f"{path} is not a segmentation checkpoint (no model + config): pass the run folder.")
         config, state = obj["config"], obj["model"]
         info["step"] = int(obj.get("iter") or (obj.get("progress") or {}).get("global_step") or 0)
         if obj.get("data_root"):

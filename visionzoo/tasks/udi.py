@@ -20,6 +20,7 @@ from torch import nn
 from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
 from ..engine.schedule import ArraySchedule
 from ..engine.task import Context, Task
+from ..errors import UserError
 from ..ssl.udi import (UDI, UDIConfig, _build_data, backbone_kwargs, build_schedules, build_udi, eval_crop_pct,
                        extract_features, knn_accuracy, param_groups)
 
@@ -131,10 +132,10 @@ def pretrain(cfg: UDIConfig, out_dir: str | os.PathLike | None = None, resume: b
     run = None
     if resume:
         if resume is True and out_dir is None:
-            raise ValueError("resume=True needs the run folder (out_dir); or pass resume=RUN_FOLDER.")
+            raise UserError("resume=True needs the run folder (out_dir); or pass resume=RUN_FOLDER.")
         run = Path(out_dir if resume is True else resume)
         if (run / "udi_networks.safetensors").is_file() and not (run / "last").is_dir():
-            raise ValueError(f"{run} is a UDI run of an older visionzoo (udi_networks.safetensors) whose training "
+            raise UserError(f"{run} is a UDI run of an older visionzoo (udi_networks.safetensors) whose training "
                              f"state this one cannot resume; its teacher still loads (--checkpoint {run}). "
                              f"Start a new run.")
     summary = fit(UDITask(cfg), resume=run, device=device)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .groups import load_image, prepare_image, save_panels
 
 __all__ = ["cls_attention", "mass_threshold", "render_attention", "run"]
@@ -25,10 +26,10 @@ def _token_index(model, token: str) -> int:
         return 0
     if token == "cls+":
         if model.num_prefix_tokens < 2:
-            raise ValueError(f"token 'cls+' needs a model with two class tokens (UDI); {type(model).__name__} has "
+            raise UserError(f"token 'cls+' needs a model with two class tokens (UDI); {type(model).__name__} has "
                              f"{model.num_prefix_tokens} prefix token(s). Use --token cls.")
         return 1
-    raise ValueError(f"unknown token {token!r}: use 'cls' or 'cls+'.")
+    raise UserError(f"unknown token {token!r}: use 'cls' or 'cls+'.")
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def cls_attention(model: torch.nn.Module, images: torch.Tensor, token: str = "cl
     """Attention of a class token over the patch tokens in the last block: (B, heads, h, w), rows sum to <= 1
     (the mass on the prefix tokens is left out)."""
     if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "_pos_embed")):
-        raise ValueError(f"{type(model).__name__} is not a ViT (timm VisionTransformer); attention maps need one.")
+        raise UserError(f"{type(model).__name__} is not a ViT (timm VisionTransformer); attention maps need one.")
     idx = _token_index(model, token)
     x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
     for blk in model.blocks[:-1]:

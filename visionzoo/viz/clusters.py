@@ -20,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.image_io import decode_image
+from ..errors import InputNotFoundError, UserError
+
 __all__ = ["cluster_assignment", "render_cluster_map", "cluster_colors", "prepare_image", "add_arguments", "run",
            "draw"]
 
@@ -31,7 +34,7 @@ def _coc_model(model):
     model = unwrap_model(model)
     if not isinstance(model, ContextCluster):
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise ValueError(f"cluster maps need a Context Cluster model (coc_*), got {name}. "
+        raise UserError(f"cluster maps need a Context Cluster model (coc_*), got {name}. "
                          "`visionzoo list models coc*` shows them.")
     return model
 
@@ -50,14 +53,14 @@ def cluster_assignment(model, image_tensor: torch.Tensor, stage: int, block: int
         image_tensor = image_tensor.unsqueeze(0)
     n_stages = len(model.stage_indices)
     if not -n_stages <= stage < n_stages:
-        raise ValueError(f"stage {stage} out of range: the model has {n_stages} stages (0..{n_stages - 1})")
+        raise UserError(f"stage {stage} out of range: the model has {n_stages} stages (0..{n_stages - 1})")
     stage = stage % n_stages
     blocks = model.network[model.stage_indices[stage]]
     if not -len(blocks) <= block < len(blocks):
-        raise ValueError(f"block {block} out of range: stage {stage} has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise UserError(f"block {block} out of range: stage {stage} has {len(blocks)} blocks (0..{len(blocks) - 1})")
     mixer = blocks[block].token_mixer
     if not -mixer.heads <= head < mixer.heads:
-        raise ValueError(f"head {head} out of range: stage {stage} has {mixer.heads} heads (0..{mixer.heads - 1})")
+        raise UserError(f"head {head} out of range: stage {stage} has {mixer.heads} heads (0..{mixer.heads - 1})")
 
     captured = {}
 
@@ -127,12 +130,12 @@ def render_cluster_map(image, assignment: torch.Tensor, path: Union[str, Path], 
     a = torch.as_tensor(assignment)
     if a.ndim == 3:
         if a.shape[0] != 1:
-            raise ValueError(f"render one image at a time: assignment has batch {a.shape[0]}; pass assignment[i]")
+            raise UserError(f"render one image at a time: assignment has batch {a.shape[0]}; pass assignment[i]")
         a = a[0]
     H, W = rgb.shape[:2]
     h, w = a.shape
     if abs(H / W - h / w) > 0.02 * (h / w) + 1.0 / min(h, w):
-        raise ValueError(f"image {W}x{H} and cluster map {w}x{h} have different aspect ratios: pass the image the "
+        raise UserError(f"image {W}x{H} and cluster map {w}x{h} have different aspect ratios: pass the image the "
                          "model saw (see prepare_image), so that the map is not stretched")
     _, dense = torch.unique(a, return_inverse=True)  # 0..n-1 over the clusters present
     n = int(dense.max()) + 1
@@ -159,12 +162,11 @@ def load_image(spec: str):
         return Image.fromarray(load_sample_images().images[0]).convert("RGB")
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"image not found: {path} (or pass --image sample for scikit-learn's sample image)")
+        raise InputNotFoundError(f"image not found: {path} (or pass --image sample for scikit-learn's sample image)")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return decode_image(path)
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}. Pass a JPEG/PNG file.") from None
+        raise UserError(f"cannot read image {path}: {e}. Pass a JPEG/PNG file.") from None
 
 
 def prepare_image(image, model, short_side: int = 224):

@@ -24,6 +24,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..data.image_io import decode_image
+from ..errors import InputNotFoundError, UserError
+
 __all__ = ["group_attention", "group_assignment", "load_image", "prepare_image", "render_group_map",
            "add_arguments", "run", "write_group_map"]
 
@@ -40,11 +43,11 @@ def group_attention(model: torch.nn.Module, images: torch.Tensor, layer: Optiona
     image positions."""
     gp = _gp_layers(model)
     if not gp:
-        raise ValueError(f"{type(model).__name__} has no GP blocks: group maps need a GPViT model (gpvit_l1..l4, "
+        raise UserError(f"{type(model).__name__} has no GP blocks: group maps need a GPViT model (gpvit_l1..l4, "
                          "gpvit_test).")
     layer = gp[0] if layer is None else int(layer)
     if layer not in gp:
-        raise ValueError(f"layer {layer} is not one of this model's GP blocks; GP blocks are at layers "
+        raise UserError(f"layer {layer} is not one of this model's GP blocks; GP blocks are at layers "
                          f"{', '.join(map(str, gp))}.")
     return model.group_attention(images, layers=[layer])[layer]
 
@@ -66,11 +69,11 @@ def load_image(spec: Union[str, Path]):
         return Image.fromarray(load_sample_images().images[0]).convert("RGB")
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"Image not found: {path}. Pass an image file or 'sample'.")
+        raise InputNotFoundError(f"Image not found: {path}. Pass an image file or 'sample'.")
     try:
-        return Image.open(path).convert("RGB")
+        return decode_image(path)
     except Exception as e:
-        raise ValueError(f"Could not read {path} as an image ({type(e).__name__}: {e}).") from None
+        raise UserError(f"Could not read {path} as an image ({type(e).__name__}: {e}).") from None
 
 
 def prepare_image(img, short_side: int, mean: Sequence[float], std: Sequence[float]):
@@ -124,7 +127,7 @@ def render_group_map(
         groups = [int(g) for g in np.argsort(-counts, kind="stable")[:num_groups]]
     bad = [g for g in groups if not 0 <= g < M]
     if bad:
-        raise ValueError(f"group(s) {bad} out of range: this GP block has {M} groups (0..{M - 1}).")
+        raise UserError(f"group(s) {bad} out of range: this GP block has {M} groups (0..{M - 1}).")
     H, W = image.shape[:2]
     img = image.astype(np.float32) / 255
     cols = _palette(M)

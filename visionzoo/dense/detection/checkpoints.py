@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...data.image_io import read_image
+from ...errors import UserError
 from ...files import atomic_write_text
 from .config import DetectionConfig
 from .data import CocoDetection, prepare_data
@@ -38,7 +40,7 @@ def evaluate_checkpoint(checkpoint, data_dir: str | None = None, device="cpu", m
     """COCO AP of a trained run (``checkpoint``) or, with ``cfg`` and no checkpoint, of the untrained detector."""
     if checkpoint is None:
         if cfg is None:
-            raise ValueError("eval needs --checkpoint (a trained run) or --recipe (the untrained baseline)")
+            raise UserError("eval needs --checkpoint (a trained run) or --recipe (the untrained baseline)")
         if data_dir:
             cfg = dataclasses.replace(cfg, data_dir=data_dir)
         model, run_dir = untrained_detector(cfg, device), None
@@ -82,10 +84,8 @@ def draw_predictions(image: np.ndarray, output: dict, classes, score_thresh: flo
 
 
 def visualize(checkpoint, image_path, out_path, score_thresh: float = 0.5, device="cpu") -> int:
-    from PIL import Image
-
     model, _, classes = load_detector(checkpoint, device)
-    img = np.asarray(Image.open(image_path).convert("RGB"))
+    img = np.asarray(read_image(image_path))
     with torch.no_grad():
         output = model([torch.from_numpy(img.copy()).permute(2, 0, 1).float().div(255).to(device)])[0]
     draw_predictions(img, output, classes, score_thresh).save(out_path)

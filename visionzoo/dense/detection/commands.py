@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 
 from ...engine.config import read_recipe
+from ...errors import UserError
 from .checkpoints import evaluate_checkpoint, visualize
 from .config import DetectionConfig, _logger
 
@@ -34,43 +34,36 @@ def config_from_args(args) -> DetectionConfig:
 
 
 def run(args) -> int:
-    from ...engine.loop import NonFiniteLossError
-    from ...models import CheckpointMismatchError
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.action == "train":
+        if not args.recipe and not args.resume:
+            raise UserError("detect train needs --recipe (or --resume RUN to continue a run)")
+        cfg = config_from_args(args)
+        if args.profile:
+            from ...engine.profile import profile, report
+            from ...tasks.detect import DetectTask
 
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.action == "train":
-            if not args.recipe and not args.resume:
-                raise ValueError("detect train needs --recipe (or --resume RUN to continue a run)")
-            cfg = config_from_args(args)
-            if args.profile:
-                from ...engine.profile import profile, report
-                from ...tasks.detect import DetectTask
-
-                print(report(profile(DetectTask(cfg), args.profile, args.device), f"detect {cfg.detector}"))
-                return 0
-            if args.resume:
-                print(f"detect: resuming {args.resume} with its own settings, device {args.device}")
-            else:
-                print(f"detect: {cfg.detector} on {cfg.model} (neck {cfg.neck}), {cfg.dataset}, {cfg.epochs} "
-                      f"epochs, batch {cfg.batch_size}/process, device {args.device}")
-            from ...tasks.detect import train as train_task
-
-            summary = train_task(cfg, resume=args.resume, device=args.device, check_recipe=args.recipe is not None)
-            print(f"run directory: {summary['run_dir']}")
+            print(report(profile(DetectTask(cfg), args.profile, args.device), f"detect {cfg.detector}"))
             return 0
-        from ...engine.distributed import resolve_device
-
-        device = str(resolve_device(args.device))
-        if args.action == "eval":
-            cfg = DetectionConfig.from_yaml(args.recipe) if args.recipe else None
-            m = evaluate_checkpoint(args.checkpoint, args.data, device, args.max_images, args.out, cfg)
-            print(json.dumps(m, indent=2))
+        if args.resume:
+            print(f"detect: resuming {args.resume} with its own settings, device {args.device}")
         else:
-            n = visualize(args.checkpoint, args.image, args.out, args.score_thresh, device)
-            print(f"{n} detections above {args.score_thresh} drawn to {args.out}")
-    except (ValueError, FileNotFoundError, ImportError, CheckpointMismatchError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            print(f"detect: {cfg.detector} on {cfg.model} (neck {cfg.neck}), {cfg.dataset}, {cfg.epochs} "
+                  f"epochs, batch {cfg.batch_size}/process, device {args.device}")
+        from ...tasks.detect import train as train_task
+
+        summary = train_task(cfg, resume=args.resume, device=args.device, check_recipe=args.recipe is not None)
+        print(f"run directory: {summary['run_dir']}")
+        return 0
+    from ...engine.distributed import resolve_device
+
+    device = str(resolve_device(args.device))
+    if args.action == "eval":
+        cfg = DetectionConfig.from_yaml(args.recipe) if args.recipe else None
+        m = evaluate_checkpoint(args.checkpoint, args.data, device, args.max_images, args.out, cfg)
+        print(json.dumps(m, indent=2))
+    else:
+        n = visualize(args.checkpoint, args.image, args.out, args.score_thresh, device)
+        print(f"{n} detections above {args.score_thresh} drawn to {args.out}")
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...errors import InputNotFoundError, UserError
 from .config import DetectionConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -38,12 +39,12 @@ def prepare_data(cfg: DetectionConfig, out: str | os.PathLike | None = None) -> 
             write_coco(root, **kw)  # deterministic: a rewrite after an interrupted one gives the same files
         return root
     if not cfg.data_dir:
-        raise ValueError("dataset 'coco' needs data_dir (the folder holding annotations/ and train2017/ val2017/)")
+        raise UserError("dataset 'coco' needs data_dir (the folder holding annotations/ and train2017/ val2017/)")
     root = Path(cfg.data_dir)
     for split in (cfg.train_split, cfg.val_split):
         ann = root / "annotations" / f"instances_{split}.json"
         if not ann.is_file() or not (root / split).is_dir():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"COCO data not found: expected {ann} and the image folder {root / split}/ (COCO layout: "
                 f"<root>/annotations/instances_{split}.json, <root>/{split}/*.jpg). Set data_dir or --data.")
     return root
@@ -86,11 +87,11 @@ class CocoDetection:
 
     def load(self, index: int):
         """Image (uint8 HxWx3) and its non-crowd annotations as numpy arrays (boxes xyxy, labels, masks)."""
-        from PIL import Image
+        from ...data.image_io import decode_image
 
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        img = np.asarray(Image.open(self.img_dir / info["file_name"]).convert("RGB"))
+        img = np.asarray(decode_image(self.img_dir / info["file_name"]))  # 16-bit etc. scaled, not clipped
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
         anns = [a for a in anns if a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
         boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)

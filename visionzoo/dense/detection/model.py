@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import UserError
 from .config import MULTISCALE_DETR, DetectionConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -23,7 +24,7 @@ def _backbone_with_fpn(cfg: DetectionConfig, pretrained: bool = True):
                           model_kwargs=cfg.model_kwargs)
     strides = list(body.strides)
     if any(b <= a for a, b in zip(strides, strides[1:])):
-        raise ValueError(f"{cfg.model} with neck={cfg.neck!r} gives maps at strides {strides}; an FPN needs "
+        raise UserError(f"{cfg.model} with neck={cfg.neck!r} gives maps at strides {strides}; an FPN needs "
                          f"increasing strides: use neck='simple' or 'adapter' for single-scale backbones")
     if cfg.detector == "retinanet":  # RetinaNet starts at stride 8 (mmdet start_level=1 for 4-level backbones)
         keep = [i for i, s in enumerate(strides) if s >= 8]

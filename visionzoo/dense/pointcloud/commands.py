@@ -33,35 +33,27 @@ def config_from_args(args) -> PointCloudConfig:
 
 
 def run(args) -> int:
-    import sys
+    cfg = config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if getattr(args, "checkpoint", None):
+        from ...tasks.pointcloud import evaluate_checkpoint
 
-    from ...models import CheckpointMismatchError
+        m = evaluate_checkpoint(args.checkpoint, cfg, device=args.device)
+        print(f"{args.checkpoint}: test OA {m['test_oa']:.4f}, mAcc {m['test_macc']:.4f} "
+              f"({m['test_size']} clouds, {m['num_classes']} classes)")
+        return 0
+    if args.profile:
+        from ...engine.profile import profile, report
+        from ...tasks.pointcloud import PointCloudTask
 
-    try:
-        cfg = config_from_args(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if getattr(args, "checkpoint", None):
-            from ...tasks.pointcloud import evaluate_checkpoint
-
-            m = evaluate_checkpoint(args.checkpoint, cfg, device=args.device)
-            print(f"{args.checkpoint}: test OA {m['test_oa']:.4f}, mAcc {m['test_macc']:.4f} "
-                  f"({m['test_size']} clouds, {m['num_classes']} classes)")
-            return 0
-        if args.profile:
-            from ...engine.profile import profile, report
-            from ...tasks.pointcloud import PointCloudTask
-
-            print(report(profile(PointCloudTask(cfg), args.profile, args.device), f"point cloud {cfg.model}"))
-            return 0
-        if args.resume:
-            print(f"point cloud: resuming {args.resume} with its own settings, device {args.device}")
-        else:
-            print(f"point cloud: {cfg.model} {cfg.model_kwargs} on {cfg.dataset} ({cfg.points} points), "
-                  f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {args.device}")
-        summary = train(cfg, resume=args.resume, device=args.device)
-        print(f"run directory: {summary['run_dir']}")
-    except (ValueError, FileNotFoundError, ImportError, CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(report(profile(PointCloudTask(cfg), args.profile, args.device), f"point cloud {cfg.model}"))
+        return 0
+    if args.resume:
+        print(f"point cloud: resuming {args.resume} with its own settings, device {args.device}")
+    else:
+        print(f"point cloud: {cfg.model} {cfg.model_kwargs} on {cfg.dataset} ({cfg.points} points), "
+              f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {args.device}")
+    summary = train(cfg, resume=args.resume, device=args.device)
+    print(f"run directory: {summary['run_dir']}")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import InputNotFoundError, MissingDependencyError, UserError
 from .config import SCANOBJECTNN_CLASSES, SCANOBJECTNN_FILES, SHAPE_CLASSES, PointCloudConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -26,7 +27,7 @@ def _import_h5py():
     try:
         import h5py
     except ImportError as e:
-        raise ImportError("reading ScanObjectNN's h5 files needs h5py, which is not installed: pip install h5py") from e
+        raise MissingDependencyError("reading ScanObjectNN's h5 files needs h5py, which is not installed: pip install h5py") from e
     return h5py
 
 
@@ -37,7 +38,7 @@ def scanobjectnn_paths(root: str | os.PathLike) -> dict:
         paths = {k: folder / v for k, v in SCANOBJECTNN_FILES.items()}
         if all(p.is_file() for p in paths.values()):
             return paths
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"ScanObjectNN PB_T50_RS files not found under {root}: expected {root}/main_split/"
         f"{SCANOBJECTNN_FILES['train']} and {root}/main_split/{SCANOBJECTNN_FILES['test']} "
         f"(or both directly in {root}). Download h5_files.zip from the ScanObjectNN authors and pass its "
@@ -47,16 +48,16 @@ def scanobjectnn_paths(root: str | os.PathLike) -> dict:
 def load_scanobjectnn(root: str | os.PathLike, split: str, points: int = 1024) -> PointCloudSplit:
     """ScanObjectNN PB_T50_RS ``split`` ('train' | 'test'): the first ``points`` points of each cloud, as official."""
     if split not in SCANOBJECTNN_FILES:
-        raise ValueError(f"ScanObjectNN split must be 'train' or 'test', got {split!r}")
+        raise UserError(f"ScanObjectNN split must be 'train' or 'test', got {split!r}")
     path = scanobjectnn_paths(root)[split]
     h5py = _import_h5py()
     with h5py.File(path, "r") as f:
         if "data" not in f or "label" not in f:
-            raise ValueError(f"{path} has keys {sorted(f.keys())}; expected 'data' [N, 2048, 3] and 'label' [N]")
+            raise UserError(f"{path} has keys {sorted(f.keys())}; expected 'data' [N, 2048, 3] and 'label' [N]")
         data = np.asarray(f["data"][:, :points], dtype=np.float32)
         labels = np.asarray(f["label"][:], dtype=np.int64).reshape(-1)
     if data.ndim != 3 or data.shape[2] != 3 or data.shape[1] < points:
-        raise ValueError(f"{path}: 'data' has shape {data.shape}; need [N, >= {points}, 3]")
+        raise UserError(f"{path}: 'data' has shape {data.shape}; need [N, >= {points}, 3]")
     return PointCloudSplit(data, labels, SCANOBJECTNN_CLASSES)
 
 
@@ -111,7 +112,7 @@ def _shape(rng, name: str, n: int) -> np.ndarray:
         return np.stack([np.cos(6 * np.pi * t), np.sin(6 * np.pi * t), 2 * t - 1], -1) + tube
     if name == "plane":
         return np.concatenate([rng.uniform(-1, 1, (n, 2)), np.zeros((n, 1))], -1)
-    raise ValueError(f"unknown shape {name!r}; known: {SHAPE_CLASSES}")
+    raise UserError(f"unknown shape {name!r}; known: {SHAPE_CLASSES}")
 
 
 def _random_rotations(rng, n: int) -> np.ndarray:
@@ -128,7 +129,7 @@ def make_shapes(split: str, points: int = 1024, per_class: int | None = None, se
     (U(0.6, 1.0)), stretched per axis (U(0.85, 1.15)) and jittered (Gaussian ``noise``). Deterministic from
     ``seed``; the train and test splits are drawn from disjoint RNG streams (default 64 / 16 clouds per class)."""
     if split not in ("train", "test"):
-        raise ValueError(f"shapes split must be 'train' or 'test', got {split!r}")
+        raise UserError(f"shapes split must be 'train' or 'test', got {split!r}")
     per_class = per_class or (64 if split == "train" else 16)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     k = len(SHAPE_CLASSES)
@@ -150,7 +151,7 @@ def parse_data(spec: str) -> tuple[str, str | None]:
         return "shapes", None
     if name == "scanobjectnn" and root:
         return "scanobjectnn", root
-    raise ValueError(f"--data must be 'shapes' or 'scanobjectnn:ROOT' (ROOT holds main_split/), got {spec!r}")
+    raise UserError(f"--data must be 'shapes' or 'scanobjectnn:ROOT' (ROOT holds main_split/), got {spec!r}")
 
 
 def load_data(cfg: PointCloudConfig, shapes_per_class: tuple | None = None) -> tuple[PointCloudSplit, PointCloudSplit]:
@@ -160,10 +161,10 @@ def load_data(cfg: PointCloudConfig, shapes_per_class: tuple | None = None) -> t
                                                                                     seed=cfg.seed))
     if cfg.dataset == "scanobjectnn":
         if not cfg.data_dir:
-            raise ValueError("dataset scanobjectnn needs a data folder: --data scanobjectnn:ROOT "
+            raise UserError("dataset scanobjectnn needs a data folder: --data scanobjectnn:ROOT "
                              "(ROOT holds main_split/*_objectdataset_augmentedrot_scale75.h5), or --data shapes")
         return load_scanobjectnn(cfg.data_dir, "train", cfg.points), load_scanobjectnn(cfg.data_dir, "test", cfg.points)
-    raise ValueError(f"unknown point-cloud dataset {cfg.dataset!r}: use 'scanobjectnn' or 'shapes'")
+    raise UserError(f"unknown point-cloud dataset {cfg.dataset!r}: use 'scanobjectnn' or 'shapes'")
 
 
 def augment(points: np.ndarray, rng=None) -> np.ndarray:

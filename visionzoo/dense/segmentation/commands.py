@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...engine.config import RecipeError, read_recipe
+from ...data.image_io import read_image
+from ...engine.config import RecipeError, parse_yaml, read_recipe
+from ...errors import InputNotFoundError
 from .config import SegmentationConfig
 from .data import ade20k_pairs, class_names, dataset_root, normalize, resize_image, test_size
 from .inference import evaluate, predict_logits
@@ -70,13 +72,11 @@ def _resume_path(args) -> str | None:
 
 
 def _saved_config(run: Path) -> dict:
-    import yaml
-
     file = (run.parent if run.is_file() else run) / "config.yaml"
     if not file.is_file():
-        raise FileNotFoundError(f"--resume {run}: no config.yaml there (is it a `visionzoo segment train` run "
+        raise InputNotFoundError(f"--resume {run}: no config.yaml there (is it a `visionzoo segment train` run "
                                 f"folder?); give --recipe too for a run of an older visionzoo.")
-    data = yaml.safe_load(file.read_text()) or {}
+    data = parse_yaml(file.read_text(), str(file)) or {}
     data.pop("resolved", None)
     return data
 
@@ -122,7 +122,7 @@ def run(args) -> int:
     # visualize
     from PIL import Image
 
-    img = np.array(Image.open(args.image).convert("RGB"), dtype=np.uint8)
+    img = np.array(read_image(args.image), dtype=np.uint8)
     h, w = test_size(*img.shape[:2], cfg.img_scale, cfg.size_divisor)
     x = torch.from_numpy(normalize(resize_image(img, h, w)))[None].to(device)
     with torch.no_grad():

@@ -5,8 +5,6 @@ from dataclasses import dataclass, field
 
 from ...engine.config import RecipeError, RunConfig
 
-
-
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 HEADS = ("fpn", "upernet", "segformer")

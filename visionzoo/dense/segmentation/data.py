@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...errors import InputNotFoundError, UserError
 from .config import IMAGENET_MEAN, IMAGENET_STD, SegmentationConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -20,16 +21,16 @@ def ade20k_pairs(root, split: str) -> list[tuple[Path, Path]]:
     root = Path(root)
     img_dir, ann_dir = root / "images" / split, root / "annotations" / split
     if not img_dir.is_dir() or not ann_dir.is_dir():
-        raise FileNotFoundError(f"ADE20K layout not found under {root}: expected {img_dir} and {ann_dir} "
+        raise InputNotFoundError(f"ADE20K layout not found under {root}: expected {img_dir} and {ann_dir} "
                                 f"(ADEChallengeData2016 has images/{{training,validation}} and "
                                 f"annotations/{{training,validation}})")
     imgs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not imgs:
-        raise FileNotFoundError(f"no images in {img_dir}")
+        raise InputNotFoundError(f"no images in {img_dir}")
     pairs = [(p, ann_dir / f"{p.stem}.png") for p in imgs]
     missing = [str(a) for _, a in pairs if not a.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} label PNGs missing in {ann_dir}, e.g. {missing[0]}")
+        raise InputNotFoundError(f"{len(missing)} label PNGs missing in {ann_dir}, e.g. {missing[0]}")
     return pairs
 
 
@@ -46,10 +47,16 @@ def load_pair(img_path, ann_path, reduce_zero_label: bool = True):
     """uint8 RGB image (H, W, 3) and uint8 label (H, W); ``reduce_zero_label``: 0 -> 255, k -> k - 1."""
     from PIL import Image
 
-    img = np.array(Image.open(img_path).convert("RGB"), dtype=np.uint8)
-    label = np.array(Image.open(ann_path), dtype=np.uint8)
+    from ...data.image_io import decode_image  # the one decoder: 16-bit and other modes scaled, not clipped
+
+    img = np.array(decode_image(img_path), dtype=np.uint8)
+    raw = np.asarray(Image.open(ann_path))
+    if raw.ndim == 2 and raw.size and (raw.min() < 0 or raw.max() > 255):  # a 16-bit label map would wrap silently
+        raise UserError(f"{ann_path}: label values {int(raw.min())}..{int(raw.max())} do not fit the 8-bit ADE20K "
+                        f"layout (class ids 0-255, 255 = ignore); remap the classes to 0-254 and save 8-bit PNGs.")
+    label = raw.astype(np.uint8)
     if label.ndim != 2 or label.shape != img.shape[:2]:
-        raise ValueError(f"{ann_path}: label shape {label.shape} does not match image {img.shape[:2]}")
+        raise UserError(f"{ann_path}: label shape {label.shape} does not match image {img.shape[:2]}")
     return img, reduce_labels(label) if reduce_zero_label else label
 
 
@@ -214,7 +221,7 @@ def dataset_root(cfg: SegmentationConfig, out: str | os.PathLike | None = None) 
     """The data folder; for ``shapes`` it is generated (deterministically from the seed) on first use."""
     if cfg.dataset == "ade20k":
         if not cfg.data_dir:
-            raise ValueError("dataset ade20k needs data_dir (ADEChallengeData2016 with images/ and annotations/): "
+            raise UserError("dataset ade20k needs data_dir (ADEChallengeData2016 with images/ and annotations/): "
                              "pass --data-dir or set data_dir in the recipe")
         return Path(cfg.data_dir)
     root = Path(cfg.data_dir) if cfg.data_dir else Path(out or ".") / "shapes_ade20k"

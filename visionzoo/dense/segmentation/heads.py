@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import UserError
 from .config import HEADS, SegmentationConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def build_head(cfg: SegmentationConfig, in_channels, strides):
     """(neck, decode_head, auxiliary_head) for the recipe's head on maps with ``in_channels`` / ``strides``."""
     in_channels, strides = list(in_channels), list(strides)
     if len(in_channels) != len(strides) or not in_channels:
-        raise ValueError(f"need one stride per feature map, got channels {in_channels} and strides {strides}")
+        raise UserError(f"need one stride per feature map, got channels {in_channels} and strides {strides}")
     mod = sys.modules[__name__]
     neck = aux = None
     k = cfg.num_classes
@@ -216,11 +217,11 @@ def build_head(cfg: SegmentationConfig, in_channels, strides):
     elif cfg.head == "segformer":
         head = mod.SegformerHead(in_channels, cfg.head_channels, k, cfg.dropout)
     else:
-        raise ValueError(f"head must be one of {HEADS}, got {cfg.head!r}")
+        raise UserError(f"head must be one of {HEADS}, got {cfg.head!r}")
     if cfg.aux_head:
         chans = neck.out_channels if neck is not None else in_channels
         if not -len(chans) <= cfg.aux_index < len(chans):
-            raise ValueError(f"aux_index {cfg.aux_index} out of range for {len(chans)} feature maps")
+            raise UserError(f"aux_index {cfg.aux_index} out of range for {len(chans)} feature maps")
         aux = mod.FCNHead(chans[cfg.aux_index], cfg.aux_channels, k, cfg.dropout)
     return neck, head, aux
 

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ...errors import UserError
 from .config import SegmentationConfig
 from .data import SegDataset
 from .heads import _resize
@@ -49,7 +50,7 @@ def predict_logits(model, img, mode: str = "whole", crop=(512, 512), stride=(341
     elif mode == "slide":
         logits = slide_logits(model, img, crop, stride, model.num_classes)
     else:
-        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+        raise UserError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
     return _resize(logits, tuple(out_size)) if out_size is not None else logits
 
 

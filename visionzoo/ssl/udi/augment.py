@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ...errors import UserError
 from .config import UDIConfig
 
 _logger = logging.getLogger("visionzoo")
@@ -70,7 +71,7 @@ def sampling_mask(F_side: int, window: int, rng: random.Random, gen: torch.Gener
     (g*window)^2 sub-grid sits in a random corner when F is not a multiple (section 2.3). Bool [F*F]."""
     g = F_side // window
     if g < 1:
-        raise ValueError(f"SRS window {window} is larger than the token grid side {F_side}: lower the window size.")
+        raise UserError(f"SRS window {window} is larger than the token grid side {F_side}: lower the window size.")
     off = torch.randint(0, window, (2, g, g), generator=gen)
     base = torch.arange(g) * window
     rows, cols = base[:, None] + off[0], base[None, :] + off[1]
@@ -139,7 +140,7 @@ class UDIAugmentation:
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
         for name, size in (("global_size", global_size), ("local_size", local_size)):
             if size % patch_size:
-                raise ValueError(f"UDI {name}={size} must be a multiple of the patch size {patch_size}.")
+                raise UserError(f"UDI {name}={size} must be a multiple of the patch size {patch_size}.")
         self.global_size, self.local_size, self.patch = global_size, local_size, patch_size
         self.gscale, self.lscale = tuple(global_crops_scale), tuple(local_crops_scale)
         self.n_local = local_crops_number
@@ -219,7 +220,7 @@ class UDIAugmentation:
         img = img.convert("RGB")
         H, W = img.height, img.width
         if H < 2 or W < 2:
-            raise ValueError(f"image of size {W}x{H} is too small for UDI crops")
+            raise UserError(f"image of size {W}x{H} is too small for UDI crops")
         v1, c1 = self._crop(img, _rrc_box(H, W, self.gscale, rng), self.global_size, rng)
         v2, c2 = self._crop(img, _ref_box(H, W, self.gscale, c1, rng), self.global_size, rng)
         isec = [min(c1[0], c2[0]), min(c1[1], c2[1]), max(c1[2], c2[2]), max(c1[3], c2[3])]  # official quirk
@@ -293,7 +294,7 @@ def _build_data(cfg: UDIConfig, patch_size: int):
     aug = UDIAugmentation.from_config(cfg, patch_size)
     eval_tf = eval_transform(cfg)
     if cfg.dataset != "digits" and not cfg.data_dir:
-        raise ValueError(f"dataset {cfg.dataset!r} needs data_dir (a folder with {cfg.train_split}/ and "
+        raise UserError(f"dataset {cfg.dataset!r} needs data_dir (a folder with {cfg.train_split}/ and "
                          f"{cfg.val_split}/), or use dataset digits.")
 
     def split(name, transform):

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from ...errors import UserError
 
 # ================================================================================================================
 # networks (section 3)
@@ -76,7 +77,7 @@ class SRSModule(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, eps: float = 1e-6):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"SRS: dim {dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"SRS: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -107,7 +108,7 @@ def _num_heads(backbone: nn.Module) -> int:
     try:
         return int(backbone.blocks[0].attn.num_heads)
     except AttributeError:
-        raise ValueError("UDI needs a timm-style ViT backbone (blocks[i].attn.num_heads); pass srs_heads.") from None
+        raise UserError("UDI needs a timm-style ViT backbone (blocks[i].attn.num_heads); pass srs_heads.") from None
 
 
 def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -131,11 +132,11 @@ class UDINetwork(nn.Module):
         super().__init__()
         npt = getattr(backbone, "num_prefix_tokens", None)
         if npt is None or npt < 2 or getattr(backbone, "cls_token", None) is None:
-            raise ValueError(
+            raise UserError(
                 "UDI needs a ViT with two class tokens ([CLS], [CLS+]): use a udi_vit_* model or a timm ViT built "
                 "with class_token=True and reg_tokens=1 (the first register token serves as [CLS+]).")
         if getattr(backbone, "no_embed_class", False):
-            raise ValueError("UDI needs a backbone with a pos_embed row per class token (no_embed_class=False).")
+            raise UserError("UDI needs a backbone with a pos_embed row per class token (no_embed_class=False).")
         self.backbone = backbone
         self.num_prefix_tokens = npt
         dim = backbone.embed_dim
