@@ -399,7 +399,8 @@ def benchmark(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="classifier size (0: none; default: the model's)")
     parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra model constructor arguments, e.g. drop_path_rate=0.1")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=POSITIVE, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-retry", action="store_true", help="do not retry smaller batches on out-of-memory")
     parser.add_argument("--results-file", default=None, metavar="CSV",
                         help="append one row per model to this CSV (header written once)")

@@ -21,7 +21,8 @@ from .lmdb import LMDBDataset, read_lmdb_meta
 
 __all__ = [
     "IMG_EXTENSIONS", "CorruptImageWarning", "DigitsDataset", "ImageFolderDataset", "DATASETS",
-    "build_dataset", "check_data_dir", "check_same_classes", "DataError", "NoReadableImagesError", "find_classes", "write_digits_folder", "resolve_split_path",
+    "build_dataset", "check_data_dir", "check_same_classes", "DataError", "NoReadableImagesError", "find_classes",
+    "write_digits_folder", "resolve_split_path",
 ]
 
 DATASETS = ("digits", "folder", "lmdb", "auto")
@@ -52,7 +53,7 @@ class ImageFolderDataset(RobustSampleMixin):
                         for p in _scan_class_folder(os.path.join(self.root, c))]
         if not self.samples:
             raise InputNotFoundError(f"no images found under {self.root} (extensions: {', '.join(IMG_EXTENSIONS)}); "
-                                    f"{_layout_hint(self.root)}")
+                                     f"{_layout_hint(self.root)}")
         self.targets = [t for _, t in self.samples]
         self.imgs = self.samples  # torchvision alias
         self._skips = SkipTracker(len(self.samples))
@@ -103,7 +104,7 @@ def resolve_split_path(path, split: str, dataset: str = "auto") -> tuple[str, st
     """Return ``(kind, split_path)`` with kind 'lmdb' or 'folder', without checking the contents."""
     if path is None:
         raise UserError(f"dataset {dataset!r} needs a data_dir (a root holding train/ and val/); "
-                         f"use dataset 'digits' for the embedded data set")
+                        f"use dataset 'digits' for the embedded data set")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise InputNotFoundError(f"data_dir not found: {path} (it should hold {split}/ or {split}.lmdb)")

@@ -118,7 +118,7 @@ def _load_classes(classes) -> list[str] | None:
             raise UserError(f"--classes file {path} lists no class names")
         return names
     raise InputNotFoundError(f"--classes path not found: {path} (give a folder with one sub-folder per class, "
-                            f"e.g. the train split, or a text file with one class name per line)")
+                             f"e.g. the train split, or a text file with one class name per line)")
 
 
 def _samples_from_label_file(src: str, label_file, classes) -> tuple[list[tuple[str, int]], list[str]]:
@@ -131,7 +131,7 @@ def _samples_from_label_file(src: str, label_file, classes) -> tuple[list[tuple[
             classes = [str(i) for i in range(max(labels) + 1)]
         if max(labels) >= len(classes):
             raise UserError(f"label {max(labels)} in {label_file} is out of range for {len(classes)} classes; labels "
-                             f"must be 0-based indices into the class list (pass --classes to give the list)")
+                            f"must be 0-based indices into the class list (pass --classes to give the list)")
     elif not any(is_int):
         if classes is None:
             classes = sorted(set(tokens))
@@ -139,12 +139,12 @@ def _samples_from_label_file(src: str, label_file, classes) -> tuple[list[tuple[
         unknown = sorted(set(tokens) - idx.keys())
         if unknown:
             raise UserError(f"{len(unknown)} class names in {label_file} are not in the class list, e.g. "
-                             f"{unknown[:5]}")
+                            f"{unknown[:5]}")
         labels = [idx[t] for t in tokens]
     else:
         bad = next(t for t, i in zip(tokens, is_int) if not i)
         raise UserError(f"label file {label_file} mixes class indices and class names (e.g. {bad!r}); "
-                         f"{_LABEL_FORMAT}")
+                        f"{_LABEL_FORMAT}")
 
     samples, missing = [], []
     for (name, _), label in zip(pairs, labels):
@@ -159,7 +159,7 @@ def _samples_from_label_file(src: str, label_file, classes) -> tuple[list[tuple[
         samples.append((path, label))
     if missing:
         raise InputNotFoundError(f"{len(missing)} of {len(pairs)} files listed in {label_file} are not in {src}, "
-                                f"e.g. {missing[:3]}; check SRC and the label file")
+                                 f"e.g. {missing[:3]}; check SRC and the label file")
     listed = {os.path.abspath(p) for p, _ in samples}
     unlisted = sum(1 for f in os.listdir(src)
                    if is_image_file(f) and os.path.abspath(os.path.join(src, f)) not in listed)
@@ -174,9 +174,9 @@ def _samples_from_class_folders(src: str, classes) -> tuple[list[tuple[str, int]
         n_img = sum(1 for f in os.listdir(src) if is_image_file(f))
         if n_img:
             raise UserError(f"{src} is a flat folder of {n_img} images: pass a label file (--label-file F, "
-                             f"{_LABEL_FORMAT}), or arrange it as {src}/<class_name>/<image>")
+                            f"{_LABEL_FORMAT}), or arrange it as {src}/<class_name>/<image>")
         raise InputNotFoundError(f"no images in {src}: expected {src}/<class_name>/<image> or a flat folder with "
-                                f"a label file")
+                                 f"a label file")
     if classes is None:
         classes = folders
     idx = {c: i for i, c in enumerate(classes)}
@@ -377,7 +377,7 @@ def read_lmdb_meta(path, with_labels: bool = False) -> dict:
         raise InputNotFoundError(f"LMDB dataset not found: {path}")
     if not os.path.isfile(os.path.join(path, "data.mdb")):
         raise InputNotFoundError(f"{path} is not an LMDB directory (no data.mdb); create one with "
-                                f"`visionzoo data to-lmdb SRC {path}`")
+                                 f"`visionzoo data to-lmdb SRC {path}`")
     try:
         env = _shared_env(path)
     except _import_lmdb().Error as e:  # a damaged or foreign data.mdb
@@ -391,11 +391,11 @@ def read_lmdb_meta(path, with_labels: bool = False) -> dict:
                     f"{path} looks like an LMDB from GPViT's create_lmdb_dataset.py (file-name keys, no labels); "
                     f"rebuild it from the image folder with `visionzoo data to-lmdb SRC {path} --overwrite`")
             raise UserError(f"{path} is not a complete visionzoo LMDB (no metadata record: an interrupted "
-                             f"conversion?); rebuild it with `visionzoo data to-lmdb SRC {path} --overwrite`")
+                            f"conversion?); rebuild it with `visionzoo data to-lmdb SRC {path} --overwrite`")
         meta = json.loads(bytes(raw).decode("utf-8"))
         if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
             raise UserError(f"{path}: unsupported LMDB format {meta.get('format')!r} v{meta.get('version')}; "
-                             f"this visionzoo reads {FORMAT} v{VERSION}")
+                            f"this visionzoo reads {FORMAT} v{VERSION}")
         if with_labels:
             meta["labels"] = np.frombuffer(txn.get(LABELS_KEY), dtype="<i4").tolist()
     return meta

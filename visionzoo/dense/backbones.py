@@ -163,7 +163,7 @@ class _ViTMaps(nn.Module):
         super().__init__()
         if not isinstance(getattr(vit.patch_embed, "proj", None), nn.Conv2d):
             raise UserError(f"{type(vit).__name__}: only ViTs with a convolutional patch embedding (patch_embed.proj) "
-                             f"are supported as dense backbones")
+                            f"are supported as dense backbones")
         self.vit = vit
         self.indices = sorted(set(int(i) for i in indices))
         self.last = self.indices[-1]
@@ -265,7 +265,7 @@ class _AdapterBackbone(DenseBackbone):
         if list(levels) == list(range(len(self.strides))):
             return self
         raise UserError("the GPViT adapter's output levels are fixed: use neck='adapter_single' (strides 8/16/32) "
-                         "for RetinaNet and neck='adapter' (4/8/16/32) for Mask R-CNN")
+                        "for RetinaNet and neck='adapter' (4/8/16/32) for Mask R-CNN")
 
     def forward_maps(self, x):
         return list(self.adapter(x))
@@ -281,7 +281,7 @@ def _check_indices(model: str, idx, count: int, what: str = "blocks") -> None:
     bad = [i for i in idx if not -count <= int(i) < count]
     if bad:
         raise UserError(f"{model} has {count} {what}; out_indices must be < {count}, got {list(idx)}: set "
-                         f"out_indices for this backbone (e.g. --set \"out_indices={_even_indices(count)}\").")
+                        f"out_indices for this backbone (e.g. --set \"out_indices={_even_indices(count)}\").")
 
 
 def _checkpoint_path(checkpoint: str | None) -> str | None:

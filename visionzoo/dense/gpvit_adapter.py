@@ -101,7 +101,7 @@ class MultiScaleDeformableAttention(nn.Module):
         vdim = int(dim * value_ratio)
         if vdim % num_heads:
             raise UserError(f"MultiScaleDeformableAttention: value width {vdim} must be divisible by num_heads "
-                             f"{num_heads}; pick num_heads dividing {vdim}.")
+                            f"{num_heads}; pick num_heads dividing {vdim}.")
         self.dim, self.num_heads, self.num_levels, self.num_points = dim, num_heads, num_levels, num_points
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
@@ -330,14 +330,14 @@ class GPViTAdapter(nn.Module):
         for k in ("num_classes", "global_pool", "final_norm"):
             if k in kwargs:
                 raise UserError(f"GPViTAdapter sets {k} of the GPViT itself (no classifier, no final norm); "
-                                 f"remove {k}={kwargs[k]!r}.")
+                                f"remove {k}={kwargs[k]!r}.")
         from timm.models import is_model, model_entrypoint
 
         drop_path_rate = 0.1 if drop_path_rate is None else float(drop_path_rate)
 
         if not is_model(model_name) or model_entrypoint(model_name).__module__ != GPViT.__module__:
             raise UserError(f"GPViTAdapter wraps a GPViT (gpvit_l1, gpvit_l2, gpvit_l3, gpvit_l4 or gpvit_test); "
-                             f"got {model_name!r}. Use neck='simple' or 'native' for other backbones.")
+                            f"got {model_name!r}. Use neck='simple' or 'native' for other backbones.")
         vit = create_model(model_name, num_classes=0, global_pool="", final_norm=False, drop_path_rate=drop_path_rate,
                            **kwargs)
         self.vit = vit
@@ -350,7 +350,7 @@ class GPViTAdapter(nn.Module):
             [tuple(int(i) for i in g) for g in interaction_indexes]
         if [i for lo, hi in idx for i in range(lo, hi + 1)] != list(range(depth)):
             raise UserError(f"interaction_indexes {idx} must cover the {depth} GPViT layers in order, e.g. "
-                             f"{_default_interaction_indexes(depth)}.")
+                            f"{_default_interaction_indexes(depth)}.")
         self.interaction_indexes = idx
         if conv_inplane is None:
             conv_inplane = 64 if C >= 64 else 16
@@ -417,8 +417,8 @@ class GPViTAdapter(nn.Module):
             def up(v):
                 return max(d, -(-v // d) * d)
             raise UserError(f"GPViTAdapter takes inputs whose height and width are multiples of {d} (at least "
-                             f"{d}x{d}), e.g. 512x512 or 800x1344; got {H}x{W}. Pad to {up(H)}x{up(W)} (the "
-                             f"detection/segmentation input side pads to size_divisor={d}).")
+                            f"{d}x{d}), e.g. 512x512 or 800x1344; got {H}x{W}. Pad to {up(H)}x{up(W)} (the "
+                            f"detection/segmentation input side pads to size_divisor={d}).")
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         B, _, Hi, Wi = x.shape

@@ -65,7 +65,7 @@ def read_indexed_png(path) -> tuple[np.ndarray, np.ndarray]:
     with Image.open(path) as img:
         if img.mode != "P":
             raise UserError(f"{path} is a {img.mode} image; DAVIS annotations are palette (mode P) PNGs whose "
-                             f"pixel values are the object ids")
+                            f"pixel values are the object ids")
         pal = np.zeros((256, 3), dtype=np.uint8)
         raw = np.asarray(img.getpalette() or [], dtype=np.uint8)[:768].reshape(-1, 3)
         pal[:len(raw)] = raw
@@ -303,14 +303,14 @@ def list_sequences(root, split: str = "val", sequences=None) -> list[str]:
     root = Path(root)
     if not (root / "JPEGImages" / RESOLUTION).is_dir():
         raise InputNotFoundError(f"{root} is not a DAVIS-2017 root: {root}/JPEGImages/{RESOLUTION}/<sequence>/ is "
-                                f"missing (pass the folder holding JPEGImages/, Annotations/ and ImageSets/, or "
-                                f"'shapes' for the embedded videos)")
+                                 f"missing (pass the folder holding JPEGImages/, Annotations/ and ImageSets/, or "
+                                 f"'shapes' for the embedded videos)")
     if sequences:
         return list(sequences)
     split_file = root / "ImageSets" / "2017" / f"{split}.txt"
     if not split_file.is_file():
         raise InputNotFoundError(f"split file not found: {split_file} (DAVIS-2017 lists its sequences in "
-                                f"ImageSets/2017/{{train,val}}.txt; or name them with --sequences)")
+                                 f"ImageSets/2017/{{train,val}}.txt; or name them with --sequences)")
     return [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
 
 
@@ -324,7 +324,7 @@ def sequence_files(root, seq: str) -> tuple[list[Path], list[Path]]:
     anns = [ann_dir / (f.stem + ".png") for f in frames]
     if not anns[0].is_file():
         raise InputNotFoundError(f"the first frame's annotation {anns[0]} is missing (label propagation starts "
-                                f"from it)")
+                                 f"from it)")
     return frames, anns
 
 
@@ -341,7 +341,7 @@ def target_size(h: int, w: int, short_side: int, multiple: int, patch: int) -> t
     th, tw = th // patch * patch, tw // patch * patch
     if th < patch or tw < patch:
         raise UserError(f"frames of {h}x{w} resized with --short-side {short_side} --size-multiple {multiple} "
-                         f"leave no whole patch of {patch} pixels; use a larger --short-side")
+                        f"leave no whole patch of {patch} pixels; use a larger --short-side")
     return th, tw
 
 
@@ -359,7 +359,7 @@ def load_vit(model_name: str | None, checkpoint: str | None, seed: int = 0):
         if "dynamic_img_size" not in str(e):
             raise
         raise UserError(f"videoseg needs a ViT (patch tokens at any frame size); {model_name} does not take "
-                         f"dynamic_img_size") from None
+                        f"dynamic_img_size") from None
     if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
         raise UserError(f"videoseg needs a ViT with patch tokens; {model_name} is a {type(model).__name__}")
     return model
@@ -619,7 +619,7 @@ def score_folder(root, results_dir, sequences: list[str]) -> dict:
         missing = [a for a in anns if not a.is_file()]
         if missing:
             raise InputNotFoundError(f"sequence {seq}: {len(missing)} annotation PNGs missing (e.g. {missing[0]}); "
-                                    f"the score needs every frame annotated (DAVIS val is)")
+                                     f"the score needs every frame annotated (DAVIS val is)")
         res = [Path(results_dir) / seq / a.name for a in anns]
         absent = [r for r in res if not r.is_file()]
         if absent:

@@ -132,6 +132,13 @@ class RunConfig:
     def from_yaml(cls, recipe: str):
         return cls.from_dict(read_recipe(recipe), f"recipe {recipe}")
 
+    @classmethod
+    def from_saved(cls, data: dict, source: str):
+        """The config saved with a model (an export or checkpoint): keys this version does not know (written by
+        another one) are dropped, older names read as the new ones."""
+        known = {f.name for f in dataclasses.fields(cls)} | set(cls.RENAMED_KEYS) | set(cls.IGNORED_KEYS)
+        return cls.from_dict({k: v for k, v in data.items() if k in known}, source)
+
 
 @dataclass
 class TrainConfig(RunConfig):

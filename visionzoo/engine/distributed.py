@@ -59,10 +59,10 @@ def resolve_device(device: str | None = None) -> torch.device:
         raise UserError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
-                         f"use --device cpu or auto.")
+                        f"use --device cpu or auto.")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 to "
-                         f"cuda:{torch.cuda.device_count() - 1}).")
+                        f"cuda:{torch.cuda.device_count() - 1}).")
     return dev
 
 

@@ -47,7 +47,7 @@ def resolve_token(model, token: str = "auto") -> str:
             name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
             what = "a class token" if need == 1 else "a second class token [CLS+] (udi_vit_* or reg_tokens=1)"
             raise UserError(f"token {token!r} needs {what}; model '{name}' has {n_cls} prefix token(s). "
-                             f"Use --token pooled (or auto).")
+                            f"Use --token pooled (or auto).")
     return token
 
 

@@ -29,7 +29,7 @@ def check_data(args) -> None:
 
     if not os.path.isdir(args.data):
         raise InputNotFoundError(f"data folder not found: {args.data} (pass a root holding "
-                                f"{args.train_split}/ and {args.val_split}/, or 'digits')")
+                                 f"{args.train_split}/ and {args.val_split}/, or 'digits')")
     for split in (args.train_split, args.val_split):
         check_data_dir(args.data, split)
 
@@ -62,7 +62,7 @@ def load_model(model_name: str | None, checkpoint: str | None, num_classes: int 
         checkpoint = str(resolve_checkpoint(checkpoint))
     if model_name is None:
         raise UserError("--model is needed unless --checkpoint is a folder written by save_pretrained "
-                         "(config.json + model.safetensors) or a `visionzoo train` run.")
+                        "(config.json + model.safetensors) or a `visionzoo train` run.")
     return visionzoo.create_model(model_name, checkpoint_path=checkpoint, num_classes=num_classes, **model_kwargs)
 
 

@@ -58,7 +58,7 @@ def run_dir_for(cfg, info: DistInfo) -> Path:
     name = cfg.experiment
     if name and (Path(name).is_absolute() or Path(name).name != name or name in (".", "..")):
         raise UserError(f"--experiment {name!r} must be a plain folder name (it is created inside --output "
-                         f"{cfg.output}); to write elsewhere, change --output.")
+                        f"{cfg.output}); to write elsewhere, change --output.")
     if not name:
         base = f"{getattr(cfg, 'model', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
         name, n = base, 1
@@ -84,7 +84,7 @@ def fit(task: Task, resume: str | Path | None = None, device: str | None = None)
         state = load_train_state(resume)
         if state.get("format") != 2:
             raise UserError(f"{resume} was written by an older visionzoo whose training state cannot be resumed "
-                             f"by this one; its weights still load (--checkpoint {resume}). Start a new run.")
+                            f"by this one; its weights still load (--checkpoint {resume}). Start a new run.")
         task.cfg = config_for_resume(state["config"], task.cfg)
         run_path = Path(resume)
     else:
@@ -116,7 +116,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
     steps_per_epoch = len(batches.epoch_batches(0)) // accum
     if steps_per_epoch == 0:
         raise UserError(f"The training set ({len(train_set)} items over {info.world_size} process(es)) is smaller "
-                         f"than one step (batch_size {cfg.batch_size} x grad_accum_steps {accum}): lower batch_size.")
+                        f"than one step (batch_size {cfg.batch_size} x grad_accum_steps {accum}): lower batch_size.")
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     epochs = -(-total_steps // steps_per_epoch)
     ctx.steps_per_epoch, ctx.total_steps = steps_per_epoch, total_steps
@@ -144,7 +144,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
         prog = Progress(**state["progress"])
         if state.get("world_size", 1) != info.world_size and prog.step_in_epoch:
             raise UserError(f"{run.path} stopped in the middle of an epoch with {state.get('world_size', 1)} "
-                             f"process(es); resume it with as many (the data order of an epoch depends on it).")
+                            f"process(es); resume it with as many (the data order of an epoch depends on it).")
         _logger.info("resumed %s at epoch %d, step %d", run.path, prog.epoch, prog.global_step)
     if info.is_main:
         save_config(cfg, run.path / "config.yaml", extra={

@@ -46,7 +46,7 @@ def timm_schedule(optimizer, sched: str, epochs: float, steps_per_epoch: int, wa
         return NoSchedule()
     if warmup_prefix and warmup_epochs >= epochs:
         raise UserError(f"warmup_epochs ({warmup_epochs:g}) must be shorter than the run ({epochs:g} epochs) when "
-                         f"warmup_prefix is set: lower warmup_epochs or raise epochs.")
+                        f"warmup_prefix is set: lower warmup_epochs or raise epochs.")
     # timm's warmup_prefix runs the whole decay AFTER the warm-up; mmengine's LinearLR + CosineAnnealing(begin=w)
     # decays over the remaining epochs, so the decay gets epochs - warmup_epochs to keep the run length
     decay_len = epochs - warmup_epochs if warmup_prefix else epochs

@@ -81,7 +81,7 @@ def subset_from_file(path: str, dataset):
     """Sorted indices of the samples whose base names are listed in ``path``; every listed name must exist."""
     if not os.path.isfile(path):
         raise InputNotFoundError(f"subset file not found: {path} (one file name per line, e.g. SimCLRv2's "
-                                f"1percent.txt)")
+                                 f"1percent.txt)")
     with open(path) as f:
         wanted = [os.path.basename(line.strip()) for line in f if line.strip()]
     if not wanted:
@@ -90,7 +90,7 @@ def subset_from_file(path: str, dataset):
     missing = [w for w in wanted if w not in index]
     if missing:
         raise UserError(f"{len(missing)} of {len(wanted)} names in {path} are not in the train split "
-                         f"(e.g. {', '.join(missing[:3])}); is it the subset file of this data set?")
+                        f"(e.g. {', '.join(missing[:3])}); is it the subset file of this data set?")
     return torch.tensor(sorted({index[w] for w in wanted}), dtype=torch.long)
 
 

@@ -126,14 +126,14 @@ def resume_folder(path: str | os.PathLike, old_files: str, old_hint: str, cfg=No
             obj = safe_torch_load(path, "training state")
             if isinstance(obj, dict) and "model" in obj and path.match(old_files):
                 raise UserError(f"--resume {path} was written by an older visionzoo whose training state cannot be "
-                                 f"resumed by this one; {old_hint}")
+                                f"resumed by this one; {old_hint}")
             raise UserError(f"--resume {path}: pass a run folder (it holds train_state.pt), not a weights file.")
         path = path.parent
     old = sorted(path.glob(old_files)) if path.is_dir() and not (path / STATE_FILE).is_file() else []
     if old:
         safe_torch_load(old[-1], "training state")  # a refused pickle says so first
         raise UserError(f"--resume {path} was written by an older visionzoo whose training state cannot be resumed "
-                         f"by this one; {old_hint}")
+                        f"by this one; {old_hint}")
     if cfg is not None and (path / "config.yaml").is_file():
         from .config import parse_yaml
 
@@ -141,8 +141,8 @@ def resume_folder(path: str | os.PathLike, old_files: str, old_hint: str, cfg=No
         changed = [k for k in recipe_keys if k in saved and saved[k] != getattr(cfg, k)]
         if changed:
             raise UserError(f"--resume {path}: the run was trained with other {', '.join(changed)} "
-                             f"({ {k: saved[k] for k in changed} }); resume with the same recipe, or without --recipe "
-                             f"(only max_steps, checkpoint_every_steps, workers and log_interval may change).")
+                            f"({ {k: saved[k] for k in changed} }); resume with the same recipe, or without --recipe "
+                            f"(only max_steps, checkpoint_every_steps, workers and log_interval may change).")
         total = (saved.get("resolved") or {}).get("total_steps")
         summary = path / "summary.json"
         if total and summary.is_file() and json.loads(summary.read_text()).get("global_step", 0) >= total:

@@ -158,11 +158,12 @@ def save_task_model(model: nn.Module, folder: Path, task: str, config: dict, met
     return folder
 
 
-def read_task_model(path: str | Path, task: str) -> tuple[dict, dict]:
-    """(config dict, state dict) of a folder written by ``save_task_model`` for ``task``: the folder itself, or
-    ``best/`` then ``last/`` of a run folder."""
+def read_task_model(path: str | Path, task: str) -> tuple[dict, dict, dict]:
+    """(config dict, state dict, safetensors metadata) of a folder written by ``save_task_model`` for ``task``: the
+    folder itself, or ``best/`` then ``last/`` of a run folder."""
     import json
 
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -171,6 +172,21 @@ def read_task_model(path: str | Path, task: str) -> tuple[dict, dict]:
         if cfg_file.is_file() and (folder / "model.safetensors").is_file():
             meta = json.loads(cfg_file.read_text())
             if meta.get("task") == task:
-                return meta["config"], load_file(str(folder / "model.safetensors"))
+                weights = str(folder / "model.safetensors")
+                with safe_open(weights, framework="pt") as f:
+                    metadata = f.metadata() or {}
+                return meta["config"], load_file(weights), metadata
     raise InputNotFoundError(f"{path} holds no {task} model (config.json with task '{task}' + model.safetensors, "
-                            f"in the folder or its best/ or last/): pass the run folder of a `visionzoo {task}` run.")
+                             f"in the folder or its best/ or last/): pass the run folder of a `visionzoo {task}` run.")
+
+
+def load_model_state(model: nn.Module, state: dict, source: str, hint: str = "") -> nn.Module:
+    """``model.load_state_dict(state)``, a mismatch as one CheckpointMismatchError naming ``source``."""
+    from ..models import CheckpointMismatchError
+
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointMismatchError(f"{source} does not fit {hint or 'its own config'} ({first})") from None
+    return model

@@ -137,7 +137,7 @@ def principal_angles(a, b=None, max_elems: int = 1 << 24):
     b = a if b is None else torch.as_tensor(b).detach().to(torch.float64)
     if a.ndim != 3 or b.ndim != 3 or a.shape[1] != b.shape[1]:
         raise UserError(f"principal_angles expects bases of shape (classes, n, k) with the same n, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+                        f"{tuple(a.shape)} and {tuple(b.shape)}")
     qa = torch.linalg.qr(a).Q
     qb = qa if b is a else torch.linalg.qr(b).Q
     rows = max(1, max_elems // max(1, qb.shape[0] * qa.shape[-1] * qb.shape[-1]))
@@ -208,7 +208,7 @@ def class_representation(model, classifier: dict | None = None):
         dim = int(model.dim)
         if w.shape[0] % dim:
             raise UserError(f"GCR head weight has {w.shape[0]} rows, not a multiple of the model's subspace dim "
-                             f"{dim}; pass --model-kwargs dim=K_DIM (rows = classes x dim)")
+                            f"{dim}; pass --model-kwargs dim=K_DIM (rows = classes x dim)")
         return w.view(-1, dim, w.shape[1]).transpose(1, 2), "subspace"
     return w[:, :, None], "vector"
 
@@ -292,7 +292,7 @@ def load_frozen_model(name: str, checkpoint: str | None = None, model_kwargs: di
             arch = json.load(f).get("architecture")
         if arch and arch != name:
             raise UserError(f"checkpoint {checkpoint} holds a '{arch}' model (its config.json), not '{name}': "
-                             f"pass --model {arch}")
+                            f"pass --model {arch}")
         return load_pretrained(folder, **kwargs).eval(), {}
     model = create_model(name, num_classes=0, **kwargs)
     classifier: dict = {}
@@ -351,7 +351,7 @@ def _check_datasets(specs) -> None:
             continue
         if not os.path.isdir(spec):
             raise InputNotFoundError(f"transfer dataset folder not found: {spec} "
-                                    f"(pass a root holding train/ and val/, or 'digits')")
+                                     f"(pass a root holding train/ and val/, or 'digits')")
         for split in ("train", "val"):
             check_data_dir(spec, split)
 
@@ -392,7 +392,7 @@ def run(args) -> int:
     checkpoints = args.checkpoint or []
     if checkpoints and len(checkpoints) != len(args.model):
         raise UserError(f"--checkpoint needs one file per --model: got {len(checkpoints)} checkpoints for "
-                         f"{len(args.model)} models")
+                        f"{len(args.model)} models")
     checkpoints = checkpoints or [None] * len(args.model)
     names = [_dataset_name(d) for d in args.datasets]
     if len(set(names)) != len(names):

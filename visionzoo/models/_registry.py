@@ -130,11 +130,12 @@ def create_model(
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
         if not path.exists():
-            raise InputNotFoundError(f"Checkpoint not found: {path}. Pass a .safetensors/.pth file or an HF-layout folder.")
-    downloads = model_name.startswith(("hf-hub:", "hf_hub:")) or (pretrained and not kwargs.get("pretrained_cfg_overlay"))
-    if downloads:
-        return _create_from_hub(model_name, pretrained, **kwargs)
-    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+            raise InputNotFoundError(f"Checkpoint not found: {path}. Pass a .safetensors/.pth file or an HF-layout "
+                                     f"folder.")
+    if model_name.startswith(("hf-hub:", "hf_hub:")) or (pretrained and not kwargs.get("pretrained_cfg_overlay")):
+        model = _create_from_hub(model_name, pretrained, **kwargs)  # the user asked for a download
+    else:
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     if checkpoint_path is not None:
         load_weights(model, checkpoint_path)
     return model
@@ -256,7 +257,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             f"{path} is a folder without weights: pass a weights file, a save_pretrained folder (config.json + "
             f"model.safetensors) or a run folder (its best/ or last/ holds them).")
     raise InputNotFoundError(f"checkpoint not found: {path}. Pass a .safetensors/.pth file, a save_pretrained "
-                            f"folder or a run folder.")
+                             f"folder or a run folder.")
 
 
 def unwrap_state_dict(state_dict: dict, keys: tuple = ("state_dict", "model", "module", "state_dict_ema")) -> dict:

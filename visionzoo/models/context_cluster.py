@@ -55,7 +55,7 @@ CLUSTER_IMPLS = ("fast", "reference")
 def _check_cluster_impl(impl: str) -> str:
     if impl not in CLUSTER_IMPLS:
         raise UserError(f"cluster_impl={impl!r} is not known: use one of {', '.join(map(repr, CLUSTER_IMPLS))} "
-                         "('fast': scatter + bmm; 'reference': the official broadcast formulation, slow)")
+                        "('fast': scatter + bmm; 'reference': the official broadcast formulation, slow)")
     return impl
 
 
@@ -521,7 +521,7 @@ class ContextCluster(nn.Module):
             C, H, W = x.shape[1:]
             if C != self.in_chans:
                 raise UserError(f"expected {self.in_chans} input channels (the 2 coordinate channels are added by "
-                                 f"the model), got {C}")
+                                f"the model), got {C}")
             self._check_size(H, W)
         return self.patch_embed(append_coords(x), nchw_input=True)
 

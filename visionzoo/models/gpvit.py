@@ -64,7 +64,7 @@ ATTN_IMPLS = ("fast", "reference")
 def _check_attn_impl(attn_impl: str) -> str:
     if attn_impl not in ATTN_IMPLS:
         raise UserError(f"attn_impl must be 'fast' (SDPA, the default) or 'reference' (the official formulation, for "
-                         f"checks and benchmarks); got {attn_impl!r}")
+                        f"checks and benchmarks); got {attn_impl!r}")
     return attn_impl
 
 
@@ -653,7 +653,7 @@ class GPViT(nn.Module):
         bad = [i for i in layers if i not in gp]
         if bad:
             raise UserError(f"layer(s) {bad} are not GP blocks; this model's GP blocks are at layers "
-                             f"{', '.join(map(str, gp))}.")
+                            f"{', '.join(map(str, gp))}.")
         out = {}
         x = self.embed_tokens(x)
         for i, blk in enumerate(self.blocks[:max(layers) + 1]):

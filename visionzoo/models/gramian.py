@@ -43,7 +43,7 @@ def _check_global_pool(global_pool: str) -> str:
     """'token' (default) / 'avg': the class-attention heads pool; '': no pooling (forward returns the map)."""
     if global_pool not in ('', 'avg', 'token'):
         raise UserError(f"GA models pool with class attention; global_pool={global_pool!r} is not supported "
-                         "(use 'token', or '' for the unpooled map).")
+                        "(use 'token', or '' for the unpooled map).")
     return global_pool
 
 
@@ -570,8 +570,8 @@ HEAD_IMPLS = ('batched', 'reference')
 def _check_head_impl(head_impl: str) -> str:
     if head_impl not in HEAD_IMPLS:
         raise UserError(f"head_impl must be 'batched' (the K heads computed together, the default) or 'reference' "
-                         f"(one head after the other, as the official code; for tests and speed baselines); "
-                         f"got {head_impl!r}.")
+                        f"(one head after the other, as the official code; for tests and speed baselines); "
+                        f"got {head_impl!r}.")
     return head_impl
 
 
@@ -805,7 +805,8 @@ class GALoss(nn.Module):
         if output.dim() == 2:
             output = output.unsqueeze(0)
         if output.dim() != 3:
-            raise UserError(f"GALoss expects per-head logits (K, B, C) or logits (B, C); got shape {tuple(output.shape)}.")
+            raise UserError(f"GALoss expects per-head logits (K, B, C) or logits (B, C); got shape "
+                            f"{tuple(output.shape)}.")
         z = output.float()
         K, B, C = z.shape
         t = self.dense_target(target, C)

@@ -103,7 +103,7 @@ class GrassmannClassifier(nn.Module):
         else:
             if kwargs or backbone_kwargs:
                 raise UserError(f"GrassmannClassifier: backbone kwargs {sorted({**(backbone_kwargs or {}), **kwargs})}"
-                                 " only apply when the backbone is given by name.")
+                                " only apply when the backbone is given by name.")
             backbone.reset_classifier(0)
         for attr in ("forward_features", "forward_head"):
             if not hasattr(backbone, attr):
@@ -113,7 +113,7 @@ class GrassmannClassifier(nn.Module):
             drop = getattr(getattr(backbone, "pre_logits", None), "drop", None)
             if not isinstance(drop, nn.Dropout):
                 raise UserError(f"pre_logits_drop: backbone {type(backbone).__name__} has no pre_logits.drop "
-                                 "(only timm VGG-style backbones have one); leave it None.")
+                                "(only timm VGG-style backbones have one); leave it None.")
             drop.p = float(pre_logits_drop)
         self.backbone = backbone
         self.output_fmt = getattr(backbone, "output_fmt", "NCHW")  # timm's swin: NHWC maps

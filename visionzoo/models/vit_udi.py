@@ -75,7 +75,7 @@ class UDIVisionTransformer(VisionTransformer):
         kwargs.setdefault("no_embed_class", False)
         if not kwargs["class_token"] or kwargs["no_embed_class"]:
             raise UserError("UDIVisionTransformer needs class_token=True and no_embed_class=False "
-                             "(the official layout has a pos_embed row per class token).")
+                            "(the official layout has a pos_embed row per class token).")
         super().__init__(*args, reg_tokens=reg_tokens, dynamic_img_size=dynamic_img_size, **kwargs)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
@@ -187,7 +187,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: VisionTransformer) -> Dict[str
         n_ckpt = cls.shape[1]
         if n_ckpt < npt:
             raise UserError(f"checkpoint has {n_ckpt} class token(s), the model needs {npt}: build the model "
-                             "with reg_tokens=0 for a 1-token (DINO) checkpoint.")
+                            "with reg_tokens=0 for a 1-token (DINO) checkpoint.")
         sd["cls_token"] = cls[:, :1]
         if n_reg:
             sd["reg_token"] = cls[:, 1:npt]

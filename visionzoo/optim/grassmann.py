@@ -49,7 +49,7 @@ def _base_class(base: str | type) -> type:
 
         return Lamb
     raise UserError(f"Unknown Euclidean optimizer '{base}' for GCR. Valid: {', '.join(_BASES)} "
-                     "(optionally prefixed gcr_, e.g. opt: gcr_lamb).")
+                    "(optionally prefixed gcr_, e.g. opt: gcr_lamb).")
 
 
 class GrassmannOptimizer(Optimizer):
@@ -75,7 +75,7 @@ class GrassmannOptimizer(Optimizer):
         groups = list(params)
         if not groups or not all(isinstance(g, dict) for g in groups):
             raise UserError("GrassmannOptimizer needs a list of param-group dicts (geometry groups marked "
-                             "grassmann=True); build them with grassmann_param_groups(model, ...).")
+                            "grassmann=True); build them with grassmann_param_groups(model, ...).")
         if int(reorth_step) < 1:
             raise UserError(f"reorth_step must be >= 1, got {reorth_step}.")
         self.base_cls = _base_class(base)
@@ -87,7 +87,7 @@ class GrassmannOptimizer(Optimizer):
         geo = [self._geo_group(g) for g in groups if g.get("grassmann")]
         if not geo:
             raise UserError("GrassmannOptimizer got no geometry group (grassmann=True): the model has no "
-                             "GrassmannHead. Use a *_gcr* model or visionzoo.models.grassmann.to_grassmann().")
+                            "GrassmannHead. Use a *_gcr* model or visionzoo.models.grassmann.to_grassmann().")
         if self.base_cls is torch.optim.SGD:
             base_kwargs.setdefault("momentum", momentum)
         self.base = self.base_cls(euclid, lr=lr, **base_kwargs) if euclid else None

@@ -69,7 +69,7 @@ def run(args) -> int:
     out = run_folder(args)
     if args.resume is True and out is None:
         raise UserError("--resume alone continues the run folder named by --out (or --output): name it, or pass "
-                         "--resume RUN.")
+                        "--resume RUN.")
     summary = pretrain(cfg, out, resume=args.resume or False, device=args.device, progress=args.progress)
 
     def fmt(v):

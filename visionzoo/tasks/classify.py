@@ -76,7 +76,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
             raise UserError(f"head_init_scale needs a classifier; model '{cfg.model}' has none (num_classes=0?)")
         if any(getattr(m, "on_manifold", False) for m in head.modules()):
             raise UserError("head_init_scale would move GCR class subspaces off the Grassmann manifold (their "
-                             "bases must stay orthonormal): leave it unset for GCR models.")
+                            "bases must stay orthonormal): leave it unset for GCR models.")
         with torch.no_grad():
             for p in head.parameters():
                 p.mul_(cfg.head_init_scale)
@@ -92,7 +92,7 @@ def check_input_size(model: nn.Module, img_size: int, in_chans: int = 3) -> None
             model(torch.zeros(1, in_chans, img_size, img_size))
     except (ValueError, AssertionError, RuntimeError) as e:
         raise UserError(f"Model '{model.pretrained_cfg.get('architecture')}' cannot take {img_size}x{img_size} "
-                         f"inputs: {e}") from None
+                        f"inputs: {e}") from None
     finally:
         model.train(was_training)
 
@@ -113,8 +113,8 @@ class ClassifyTask(Task):
         n_data = len(probe.classes)
         if cfg.num_classes is not None and cfg.num_classes < n_data:  # labels >= num_classes: an index error later
             raise UserError(f"--num-classes {cfg.num_classes} is fewer than the {n_data} classes of the training data "
-                             f"({_data_name(cfg)}); leave it out to take {n_data} from the data, or pass "
-                             f"--num-classes {n_data} or more.")
+                            f"({_data_name(cfg)}); leave it out to take {n_data} from the data, or pass "
+                            f"--num-classes {n_data} or more.")
         self.num_classes = n_data if cfg.num_classes is None else cfg.num_classes  # None: from the data
 
     def build_model(self, ctx: Context) -> nn.Module:

@@ -18,12 +18,12 @@ from ..dense import detection as det
 from ..dense.detection import DetectionConfig
 from ..engine.config import split_run_path
 from ..engine.distributed import barrier, broadcast_object
-from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
+from ..engine.loop import fit
 from ..engine.precision import eval_dtype
 from ..engine.sampling import seed_model_init
 from ..engine.schedule import FactorSchedule, mmcv_factor
 from ..engine.state import resume_folder
-from ..engine.task import Context, Task, read_task_model, save_task_model
+from ..engine.task import Context, Task, load_model_state, read_task_model, save_task_model
 from ..errors import InputNotFoundError, UserError
 from ..files import safe_torch_load
 
@@ -167,7 +167,7 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, DetectionConfig, list 
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"checkpoint not found: {path} (give a `visionzoo detect train` run folder, its best/ "
-                                f"or last/, or an older last.pth)")
+                                 f"or last/, or an older last.pth)")
     config = state = None
     if path.suffix == ".safetensors":
         path = path.parent
@@ -178,7 +178,7 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, DetectionConfig, list 
     info: dict = {"source": str(path), "run_dir": run_dir}
     if path.is_dir():
         try:
-            config, state = read_task_model(path, TASK)
+            config, state, _ = read_task_model(path, TASK)
         except FileNotFoundError:
             for name in ("train_state.pt", "last.pth"):
                 if (path / name).is_file():
@@ -201,22 +201,13 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, DetectionConfig, list 
             if saved.get("classes"):
                 config["classes"] = saved["classes"]
     classes = config.pop("classes", None)
-    known = {f.name for f in dataclasses.fields(DetectionConfig)} | set(DetectionConfig.RENAMED_KEYS) | set(DetectionConfig.IGNORED_KEYS)
-    config = {k: v for k, v in config.items() if k in known}
-    cfg = DetectionConfig.from_dict(config, f"checkpoint {info['source']}")
+    cfg = DetectionConfig.from_saved(config, f"checkpoint {info['source']}")
     cfg = dataclasses.replace(cfg, pretrained=None)  # the weights come from the checkpoint
     if cfg.dataset == "shapes" and cfg.data_dir and not Path(cfg.data_dir).is_dir():
         cfg = dataclasses.replace(cfg, data_dir=None)  # the run folder moved: its shapes are next to the weights
     num_classes = len(classes) if classes else _num_classes(state)
     if num_classes is None:
         raise UserError(f"{info['source']}: cannot tell the detector's number of classes from it.")
-    model = det.build_detector(cfg, num_classes, pretrained=False)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        from ..models import CheckpointMismatchError
-
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointMismatchError(f"{info['source']} does not fit its own config ({first})") from None
+    model = load_model_state(det.build_detector(cfg, num_classes, pretrained=False), state, info["source"])
     model.classes = list(classes) if classes else None
     return model.to(device).eval(), cfg, model.classes, info

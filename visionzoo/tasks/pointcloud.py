@@ -17,10 +17,10 @@ from ..dense.pointcloud import (PointCloudConfig, PointCloudSplit, augment, buil
                                 smooth_ce)
 from ..engine.config import split_run_path
 from ..engine.distributed import all_reduce_sum
-from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
+from ..engine.loop import fit
 from ..engine.schedule import FactorSchedule
 from ..engine.state import resume_folder
-from ..engine.task import Context, Task
+from ..engine.task import Context, Task, load_model_state
 from ..errors import InputNotFoundError, UserError
 from ..files import safe_torch_load
 
@@ -195,7 +195,7 @@ def load_checkpoint_model(path: str | Path, cfg: PointCloudConfig) -> tuple[nn.M
                 break
         else:
             raise InputNotFoundError(f"{path} holds no point-cloud weights (best/ or last/, train_state.pt, best.pth "
-                                    f"or last.pth): pass a run folder, a save_pretrained folder or a weights file.")
+                                     f"or last.pth): pass a run folder, a save_pretrained folder or a weights file.")
     obj = safe_torch_load(path) if path.suffix != ".safetensors" else None
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("model"), dict):
         saved = obj["config"]  # an older last.pth / best.pth, or a train_state.pt: the run's own model settings
@@ -207,14 +207,9 @@ def load_checkpoint_model(path: str | Path, cfg: PointCloudConfig) -> tuple[nn.M
     if num_classes is None:
         raise CheckpointMismatchError(f"{path}: cannot tell its number of classes; set num_classes.")
     cfg = dataclasses.replace(cfg, num_classes=num_classes)
-    model = build_model(cfg, num_classes)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointMismatchError(f"{path} does not fit {cfg.model} {cfg.model_kwargs} ({first}); is it a "
-                                      f"checkpoint of another model size? Pass the recipe it was trained with.") \
-            from None
+    model = load_model_state(build_model(cfg, num_classes), state, str(path),
+                             f"{cfg.model} {cfg.model_kwargs}: is it a checkpoint of another model size? Pass the "
+                             f"recipe it was trained with")
     return model, cfg
 
 
@@ -227,6 +222,6 @@ def evaluate_checkpoint(path: str | Path, cfg: PointCloudConfig, device: str | N
     _, test = load_data(cfg)
     if len(test.classes) != cfg.num_classes:
         raise UserError(f"{path} classifies {cfg.num_classes} classes but {cfg.dataset} has {len(test.classes)}: "
-                         f"evaluate it on the dataset it was trained on (--data).")
+                        f"evaluate it on the dataset it was trained on (--data).")
     m = evaluate_split(model.to(dev), test, dev)
     return {"test_oa": m["oa"], "test_macc": m["macc"], "test_size": len(test), "num_classes": cfg.num_classes}

@@ -6,7 +6,6 @@ folder, resume and checkpoints are the engine's.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -17,12 +16,12 @@ from ..dense import segmentation as seg
 from ..dense.segmentation import SegmentationConfig
 from ..engine.config import split_run_path
 from ..engine.distributed import barrier, broadcast_object
-from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
+from ..engine.loop import fit
 from ..engine.precision import eval_dtype
 from ..engine.sampling import seed_model_init
 from ..engine.schedule import FactorSchedule, mmcv_factor
 from ..engine.state import resume_folder
-from ..engine.task import Context, Task, read_task_model, save_task_model
+from ..engine.task import Context, Task, load_model_state, read_task_model, save_task_model
 from ..errors import InputNotFoundError, UserError
 from ..files import safe_torch_load
 
@@ -71,7 +70,8 @@ class SegmentTask(Task):
     def evaluate(self, model: nn.Module, ctx: Context) -> dict:
         cfg = self.cfg
         m = seg.evaluate(model, self.val_pairs, cfg, ctx.device, names=self.names, rank=ctx.rank,
-                         world_size=ctx.world_size, amp_dtype=eval_dtype(cfg.amp, cfg.amp_dtype, ctx.device), workers=cfg.workers)
+                         world_size=ctx.world_size, amp_dtype=eval_dtype(cfg.amp, cfg.amp_dtype, ctx.device),
+                         workers=cfg.workers)
         return {"mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"], "per_class": m["per_class"]}
 
     def export(self, model: nn.Module, folder, metadata: dict) -> None:
@@ -122,13 +122,12 @@ def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, d
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"checkpoint not found: {path} (give a run folder, its best/ or last/, or an "
-                                f"older iter_N.pth)")
+                                 f"older iter_N.pth)")
     config = state = None
     info: dict = {"source": str(path)}
     if path.is_dir():
         try:
-            config, state = read_task_model(path, TASK)
-            meta = _safetensors_meta(_exported_file(path))
+            config, state, meta = read_task_model(path, TASK)
             info["step"] = int(meta.get("step", 0))
         except FileNotFoundError:
             old = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _OLD.search(p.name)))
@@ -140,8 +139,8 @@ def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, d
                     f"exported folder, or an older run's iter_N.pth)") from None
             path = old[-1][1]
     elif path.suffix == ".safetensors":
-        config, state = read_task_model(path.parent, TASK)
-        info["step"] = int(_safetensors_meta(path).get("step", 0))
+        config, state, meta = read_task_model(path.parent, TASK)
+        info["step"] = int(meta.get("step", 0))
     if state is None:
         obj = safe_torch_load(path)
         if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)):
@@ -150,39 +149,8 @@ def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, d
         info["step"] = int(obj.get("iter") or (obj.get("progress") or {}).get("global_step") or 0)
         if obj.get("data_root"):
             info["data_root"] = obj["data_root"]
-    known = {f.name for f in dataclasses.fields(SegmentationConfig)} | set(SegmentationConfig.RENAMED_KEYS) | set(SegmentationConfig.IGNORED_KEYS)
-    config = {k: v for k, v in config.items() if k in known}
-    cfg = SegmentationConfig.from_dict(config, f"checkpoint {info['source']}")
+    cfg = SegmentationConfig.from_saved(config, f"checkpoint {info['source']}")
     cfg = dataclasses.replace(cfg, pretrained=None)  # the weights come from the checkpoint
     info.setdefault("data_root", cfg.data_dir)
-    model = seg.build_segmentor(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        from ..models import CheckpointMismatchError
-
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointMismatchError(f"{info['source']} does not fit its own config ({first})") from None
+    model = load_model_state(seg.build_segmentor(cfg), state, info["source"])
     return model.to(device).eval(), cfg, info
-
-
-def _exported_file(path: Path) -> Path:
-    for folder in (path, path / "best", path / "last"):
-        cfg_file = folder / "config.json"
-        if cfg_file.is_file() and (folder / "model.safetensors").is_file():
-            try:
-                if json.loads(cfg_file.read_text()).get("task") == TASK:
-                    return folder / "model.safetensors"
-            except ValueError:
-                continue
-    return path / "model.safetensors"
-
-
-def _safetensors_meta(file: Path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception:  # metadata is informative only
-        return {}

@@ -136,8 +136,8 @@ def pretrain(cfg: UDIConfig, out_dir: str | os.PathLike | None = None, resume: b
         run = Path(out_dir if resume is True else resume)
         if (run / "udi_networks.safetensors").is_file() and not (run / "last").is_dir():
             raise UserError(f"{run} is a UDI run of an older visionzoo (udi_networks.safetensors) whose training "
-                             f"state this one cannot resume; its teacher still loads (--checkpoint {run}). "
-                             f"Start a new run.")
+                            f"state this one cannot resume; its teacher still loads (--checkpoint {run}). "
+                            f"Start a new run.")
     summary = fit(UDITask(cfg), resume=run, device=device)
     summary["knn_init"] = summary.get("knn_top1_init")
     summary["knn_final"] = summary.get("knn_top1")

@@ -27,7 +27,7 @@ def _token_index(model, token: str) -> int:
     if token == "cls+":
         if model.num_prefix_tokens < 2:
             raise UserError(f"token 'cls+' needs a model with two class tokens (UDI); {type(model).__name__} has "
-                             f"{model.num_prefix_tokens} prefix token(s). Use --token cls.")
+                            f"{model.num_prefix_tokens} prefix token(s). Use --token cls.")
         return 1
     raise UserError(f"unknown token {token!r}: use 'cls' or 'cls+'.")
 

@@ -35,7 +35,7 @@ def _coc_model(model):
     if not isinstance(model, ContextCluster):
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise UserError(f"cluster maps need a Context Cluster model (coc_*), got {name}. "
-                         "`visionzoo list models coc*` shows them.")
+                        "`visionzoo list models coc*` shows them.")
     return model
 
 
@@ -136,7 +136,7 @@ def render_cluster_map(image, assignment: torch.Tensor, path: Union[str, Path], 
     h, w = a.shape
     if abs(H / W - h / w) > 0.02 * (h / w) + 1.0 / min(h, w):
         raise UserError(f"image {W}x{H} and cluster map {w}x{h} have different aspect ratios: pass the image the "
-                         "model saw (see prepare_image), so that the map is not stretched")
+                        "model saw (see prepare_image), so that the map is not stretched")
     _, dense = torch.unique(a, return_inverse=True)  # 0..n-1 over the clusters present
     n = int(dense.max()) + 1
     up = F.interpolate(dense[None, None].float(), size=(H, W), mode="nearest")[0, 0].long().numpy()

@@ -44,11 +44,11 @@ def group_attention(model: torch.nn.Module, images: torch.Tensor, layer: Optiona
     gp = _gp_layers(model)
     if not gp:
         raise UserError(f"{type(model).__name__} has no GP blocks: group maps need a GPViT model (gpvit_l1..l4, "
-                         "gpvit_test).")
+                        "gpvit_test).")
     layer = gp[0] if layer is None else int(layer)
     if layer not in gp:
         raise UserError(f"layer {layer} is not one of this model's GP blocks; GP blocks are at layers "
-                         f"{', '.join(map(str, gp))}.")
+                        f"{', '.join(map(str, gp))}.")
     return model.group_attention(images, layers=[layer])[layer]
 
 

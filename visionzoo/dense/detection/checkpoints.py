@@ -56,7 +56,8 @@ def evaluate_checkpoint(checkpoint, data_dir: str | None = None, device="cpu", m
     metrics = evaluate(model, val_set, torch.device(device), cfg.batch_size, max_images=max_images,
                        workers=cfg.workers)
     if out:
-        atomic_write_text(Path(out), json.dumps({"checkpoint": str(checkpoint), "data": str(root), "split": cfg.val_split, **metrics}, indent=2))
+        result = {"checkpoint": str(checkpoint), "data": str(root), "split": cfg.val_split, **metrics}
+        atomic_write_text(Path(out), json.dumps(result, indent=2))
     return metrics
 
 

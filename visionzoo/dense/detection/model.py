@@ -25,7 +25,7 @@ def _backbone_with_fpn(cfg: DetectionConfig, pretrained: bool = True):
     strides = list(body.strides)
     if any(b <= a for a, b in zip(strides, strides[1:])):
         raise UserError(f"{cfg.model} with neck={cfg.neck!r} gives maps at strides {strides}; an FPN needs "
-                         f"increasing strides: use neck='simple' or 'adapter' for single-scale backbones")
+                        f"increasing strides: use neck='simple' or 'adapter' for single-scale backbones")
     if cfg.detector == "retinanet":  # RetinaNet starts at stride 8 (mmdet start_level=1 for 4-level backbones)
         keep = [i for i, s in enumerate(strides) if s >= 8]
         if len(keep) < len(strides):

@@ -27,7 +27,8 @@ def _import_h5py():
     try:
         import h5py
     except ImportError as e:
-        raise MissingDependencyError("reading ScanObjectNN's h5 files needs h5py, which is not installed: pip install h5py") from e
+        raise MissingDependencyError("reading ScanObjectNN's h5 files needs h5py, which is not installed: "
+                                     "pip install h5py") from e
     return h5py
 
 
@@ -162,7 +163,7 @@ def load_data(cfg: PointCloudConfig, shapes_per_class: tuple | None = None) -> t
     if cfg.dataset == "scanobjectnn":
         if not cfg.data_dir:
             raise UserError("dataset scanobjectnn needs a data folder: --data scanobjectnn:ROOT "
-                             "(ROOT holds main_split/*_objectdataset_augmentedrot_scale75.h5), or --data shapes")
+                            "(ROOT holds main_split/*_objectdataset_augmentedrot_scale75.h5), or --data shapes")
         return load_scanobjectnn(cfg.data_dir, "train", cfg.points), load_scanobjectnn(cfg.data_dir, "test", cfg.points)
     raise UserError(f"unknown point-cloud dataset {cfg.dataset!r}: use 'scanobjectnn' or 'shapes'")
 

@@ -75,7 +75,7 @@ def _saved_config(run: Path) -> dict:
     file = (run.parent if run.is_file() else run) / "config.yaml"
     if not file.is_file():
         raise InputNotFoundError(f"--resume {run}: no config.yaml there (is it a `visionzoo segment train` run "
-                                f"folder?); give --recipe too for a run of an older visionzoo.")
+                                 f"folder?); give --recipe too for a run of an older visionzoo.")
     data = parse_yaml(file.read_text(), str(file)) or {}
     data.pop("resolved", None)
     return data
@@ -117,7 +117,8 @@ def run(args) -> int:
         mode = m["mode"] + (" + aug-test" if args.aug_test else "")
         print(f"{mode}: mIoU {m['mIoU']:.4f} aAcc {m['aAcc']:.4f} mAcc {m['mAcc']:.4f} ({m['images']} images)")
         if args.results:
-            atomic_write_text(Path(args.results), json.dumps({"checkpoint": info["source"], "iter": info.get("step", 0), **m}, indent=2))
+            result = {"checkpoint": info["source"], "iter": info.get("step", 0), **m}
+            atomic_write_text(Path(args.results), json.dumps(result, indent=2))
         return 0
     # visualize
     from PIL import Image

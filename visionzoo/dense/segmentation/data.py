@@ -22,8 +22,8 @@ def ade20k_pairs(root, split: str) -> list[tuple[Path, Path]]:
     img_dir, ann_dir = root / "images" / split, root / "annotations" / split
     if not img_dir.is_dir() or not ann_dir.is_dir():
         raise InputNotFoundError(f"ADE20K layout not found under {root}: expected {img_dir} and {ann_dir} "
-                                f"(ADEChallengeData2016 has images/{{training,validation}} and "
-                                f"annotations/{{training,validation}})")
+                                 f"(ADEChallengeData2016 has images/{{training,validation}} and "
+                                 f"annotations/{{training,validation}})")
     imgs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not imgs:
         raise InputNotFoundError(f"no images in {img_dir}")
@@ -222,7 +222,7 @@ def dataset_root(cfg: SegmentationConfig, out: str | os.PathLike | None = None) 
     if cfg.dataset == "ade20k":
         if not cfg.data_dir:
             raise UserError("dataset ade20k needs data_dir (ADEChallengeData2016 with images/ and annotations/): "
-                             "pass --data-dir or set data_dir in the recipe")
+                            "pass --data-dir or set data_dir in the recipe")
         return Path(cfg.data_dir)
     root = Path(cfg.data_dir) if cfg.data_dir else Path(out or ".") / "shapes_ade20k"
     if not (root / "classes.json").is_file():

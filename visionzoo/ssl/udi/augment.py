@@ -295,7 +295,7 @@ def _build_data(cfg: UDIConfig, patch_size: int):
     eval_tf = eval_transform(cfg)
     if cfg.dataset != "digits" and not cfg.data_dir:
         raise UserError(f"dataset {cfg.dataset!r} needs data_dir (a folder with {cfg.train_split}/ and "
-                         f"{cfg.val_split}/), or use dataset digits.")
+                        f"{cfg.val_split}/), or use dataset digits.")
 
     def split(name, transform):
         return build_dataset(cfg.dataset, cfg.data_dir, name, transform, img_size=cfg.global_size)
