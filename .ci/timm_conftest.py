@@ -9,23 +9,23 @@ version (as ``conftest.py``). It
   ``FEAT_INTER_FILTERS``, so ours would otherwise never reach the ``forward_intermediates`` tests);
 * keeps only the tests parametrised by one of visionzoo's registered names, and of the kinds in
   ``VISIONZOO_TIMM_KINDS`` (comma separated test names without ``test_model_``; all kinds when unset);
+* counts a GCR classifier as an "early pool" model (timm's ``EARLY_POOL_MODELS``, listed by class) when its
+  backbone is one: ``vgg13_bn_gcr8`` wraps timm's VGG, whose pre-logits conv pools the 7x7 map to 1x1 even with
+  global pooling off, exactly as the VGG that timm exempts from the "no pooling keeps the map" check;
 * registers ``timeout`` as a known marker (timm uses pytest-timeout, which we do not require).
 
 Nothing of timm's test code is copied: the tests run exactly as timm ships them.
 """
 import os
 
-import pytest
 import timm
 
 import visionzoo  # noqa: F401  (registers our models into timm's registry)
 from visionzoo.models import list_models as _vz_list_models
 from visionzoo.models._registry import FAMILY_MODULES
 
-# coc_pointmlp is a point-cloud classifier ([B, 3, N] inputs): not an image model, so timm's image-model tests do
-# not apply. It stays in timm's registry only because the point-cloud task builds it with timm.create_model.
-NOT_IMAGE_MODELS = {"coc_pointmlp"}
-VISIONZOO_MODELS = set(_vz_list_models()) - NOT_IMAGE_MODELS
+# our names in timm's registry (the point-cloud coc_pointmlp is visionzoo's own, not a timm image model)
+VISIONZOO_MODELS = {n for n in _vz_list_models() if timm.is_model(n)}
 # Our families that implement forward_intermediates() (as timm's FEAT_INTER_FILTERS lists timm's own modules).
 FEAT_INTER_MODULES = tuple(os.environ.get(
     "VISIONZOO_TIMM_FEAT_INTER", ",".join(FAMILY_MODULES)).split(","))
@@ -53,6 +53,26 @@ def _list_models(filter="", module="", *args, exclude_filters="", include_tags=N
 timm.list_models = _list_models
 
 
+class _EarlyPoolBackboneMeta(type):
+    early_pool: tuple = ()  # timm's EARLY_POOL_MODELS, set once test_models.py is collected
+
+    def __instancecheck__(cls, obj):
+        from visionzoo.models.grassmann import GrassmannClassifier
+
+        return isinstance(obj, GrassmannClassifier) and isinstance(obj.backbone, cls.early_pool)
+
+
+class GcrOnEarlyPoolBackbone(metaclass=_EarlyPoolBackboneMeta):
+    """isinstance() target: a GCR classifier whose backbone is one of timm's early-pool models."""
+
+
+def _count_gcr_early_pool(module) -> None:
+    early = getattr(module, "EARLY_POOL_MODELS", None)
+    if isinstance(early, tuple) and GcrOnEarlyPoolBackbone not in early:
+        _EarlyPoolBackboneMeta.early_pool = early
+        module.EARLY_POOL_MODELS = early + (GcrOnEarlyPoolBackbone,)
+
+
 def pytest_configure(config):
     for mark in ("base", "forward", "backward", "cfg", "cfg_nonstd", "torchscript", "features", "fxforward",
                  "fxbackward", "timeout"):  # timm's markers (its pyproject) and pytest-timeout's
@@ -65,6 +85,8 @@ def pytest_collection_modifyitems(config, items):
     import fnmatch
 
     keep, drop = [], []
+    for module in {item.module for item in items if getattr(item, "module", None) is not None}:
+        _count_gcr_early_pool(module)
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         name = params.get("model_name")

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
 
     version = args.timm_version or installed_timm_version()
-    cache = args.cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visionzoo" / "timm-tests" / version
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache = args.cache or cache_root / "visionzoo" / "timm-tests" / version
     test_file = fetch_test_models(version, cache)
     shutil.copyfile(HERE / "timm_conftest.py", cache / "conftest.py")
     (cache / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")

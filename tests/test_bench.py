@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionzoo import bench
+from visionzoo import bench, bench_official
 from visionzoo.cli import tools
 from visionzoo.models import UnknownModelError
 
@@ -152,7 +152,7 @@ def test_bad_arguments():
 def test_cli_csv_header_once_and_baseline(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     common = ["-b", "2", "--img-size", "32", "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench", "infer",
-              "--device", "cpu", "--results-file", str(out)]
+              "--device", "cpu", "--in-process", "--results-file", str(out)]
     assert bench.run(_parse(["--model", "test_vit"] + common)) == 0
     assert bench.run(_parse(["--model", "test_vit", "--baseline", "resnet10t"] + common)) == 0
     table = capsys.readouterr().out
@@ -201,7 +201,7 @@ def test_help_does_not_import_torch():
 def test_model_kwargs_reach_our_models_not_the_baseline(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     args = ["--model", "gpvit_test", "--model-kwargs", "attn_impl=reference", "--baseline", "resnet10t", "-b", "1",
-            "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench", "infer", "--device", "cpu",
+            "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench", "infer", "--device", "cpu", "--in-process",
             "--results-file", str(out)]
     assert bench.run(_parse(args)) == 0  # resnet10t would fail on an unknown attn_impl kwarg
     assert "gpvit_test [attn_impl=reference]" in capsys.readouterr().out
@@ -219,3 +219,131 @@ def test_gmacs_count_attention_on_cpu():
     lin = sum(mod.in_features * mod.out_features for mod in m.blocks.modules() if isinstance(mod, torch.nn.Linear))
     conv, head = 3 * 8 * 8 * 192 * 16, 192 * 1000
     assert linear_only == pytest.approx(lin * n + conv + head, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# peak memory, gradient checkpointing, train-step GMACs
+
+def test_peak_memory_meter_cpu():
+    meter = bench.PeakMemory(torch.device("cpu"))
+    if not bench._proc_status_kb("VmHWM"):
+        pytest.skip("no /proc/self/status here")
+    for _ in range(2):  # the second measurement is the loop's own: the mark was reset in between
+        meter.start()
+        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+        del x
+        assert 60 <= meter.stop() < 200
+    meter.start()
+    assert meter.stop() < 16  # nothing allocated: (almost) nothing measured
+    assert meter.how.startswith("cpu rss")
+
+
+def test_memory_columns_and_grad_checkpointing():
+    # batch 48: the activations (~100 MiB) dwarf what the allocator and the threads' arenas add (~10-20 MiB)
+    rows = {ckpt: bench.benchmark_model("test_vit", batch_size=48, img_size=128, num_warm_iter=0, num_bench_iter=1,
+                                        grad_checkpointing=ckpt) for ckpt in (False, True)}
+    plain, ckpt = rows[False], rows[True]
+    assert plain["memory"].startswith("cpu rss") and plain["grad_checkpointing"] is False and ckpt["grad_checkpointing"]
+    params = sum(p.numel() for p in timm.create_model("test_vit").parameters())
+    assert plain["model_mem_mb"] == pytest.approx(params * 4 / 2 ** 20, abs=0.2)
+    # a train step keeps every block's activations for the backward, an eval forward does not
+    assert plain["train_peak_mem_mb"] > 2 * plain["infer_peak_mem_mb"] > 0
+    # recomputing the blocks in the backward keeps only their inputs (measured 0.5-0.65x at 160 px)
+    assert ckpt["train_peak_mem_mb"] < 0.8 * plain["train_peak_mem_mb"]
+    with pytest.raises(ValueError, match="set_grad_checkpointing"):
+        bench.benchmark_model(ConvAttnNet(), img_size=32, batch_size=2, grad_checkpointing=True, **FAST)
+
+
+def test_isolated_process_row(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.csv"
+    args = ["--model", "test_vit", "-b", "2", "--img-size", "32", "--num-warm-iter", "0", "--num-bench-iter", "1",
+            "--device", "cpu", "--threads", "1", "--results-file", str(out)]
+    assert bench.run(_parse(args)) == 0
+    row = next(csv.DictReader(out.open()))
+    assert row["memory"] == "cpu rss, fresh process" and row["torch_threads"] == "1"
+    assert float(row["train_peak_mem_mb"]) > 0 and float(row["train_samples_per_sec"]) > 0
+    # the child's side of a failure, in this process: one JSON line the parent raises from
+    import io
+    import json
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"model_name": "test_vit", "bench": "nothing"})))
+    capsys.readouterr()
+    bench._isolated_child()
+    assert json.loads(capsys.readouterr().out) == {
+        "error": "UserError: Unknown bench mode 'nothing'. Use one of: both, infer, train.", "user_error": True}
+
+
+class TwoLinear(nn.Module):
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x.flatten(1)))
+
+
+def test_train_gmacs_by_hand():
+    # forward fc1 8*16 + fc2 16*4; backward: both weight grads + fc2's input grad (the input needs no grad)
+    fwd, train = 8 * 16 + 16 * 4, 2 * 8 * 16 + 3 * 16 * 4
+    model = TwoLinear()
+    assert bench.count_gmacs(model, (8, 1, 1)) * 1e9 == pytest.approx(fwd)
+    assert bench.count_train_gmacs(model, (8, 1, 1), 4) * 1e9 == pytest.approx(train)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the official suite
+
+def test_suite_variants_match_the_cli():
+    assert tools.SUITE_VARIANTS == tuple(bench_official.VARIANTS)
+    assert tools.SUITES == ("official",)
+
+
+def test_peak_table_lookup(monkeypatch):
+    assert bench_official.peak_tflops(torch.device("cpu"), "float32") is None
+    for name, bf16, fp32 in [("NVIDIA H100 80GB HBM3", 989.0, 67.0), ("NVIDIA H100 PCIe", 756.0, 51.0),
+                             ("NVIDIA A100-SXM4-80GB", 312.0, 19.5), ("NVIDIA L4", 121.0, 30.3),
+                             ("NVIDIA L40S", 362.0, 91.6), ("Tesla V100-SXM2-16GB", None, 15.7)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert bench_official.peak_tflops(torch.device("cuda"), "amp_bfloat16") == bf16, name
+        assert bench_official.peak_tflops(torch.device("cuda"), "float32") == fp32, name
+    with pytest.raises(ValueError, match="coc_tiny"):
+        bench_official.select(["nothing*"])
+
+
+def test_official_suite_smoke_on_cpu(tmp_path, capsys):
+    """The suite end to end (one configuration per family, fp32 and bf16), the test models standing in."""
+    out = tmp_path / "suite.csv"
+    families = ["coc_tiny", "ga_convnext_tiny", "vit_small", "gpvit_l1", "udi*", "resnet50d_gcr8"]
+    args = ["--suite", "official", "--smoke", "--variants", "fp32", "bf16", "--device", "cpu", "--results-file",
+            str(out), "--model"] + families
+    assert bench.run(_parse(args)) == 0
+    table = capsys.readouterr().out
+    assert "published img/s" in table and "518.4" in table and "train MFU" in table
+    rows = list(csv.DictReader(out.open()))
+    assert [r["family"] for r in rows[::2]] == ["CoC", "GA", "GA baseline", "GPViT", "UDI", "GCR"]
+    assert [r["variant"] for r in rows] == ["fp32", "bf16"] * 6
+    for r in rows:
+        assert r["error"] == "" and float(r["train_samples_per_sec"]) > 0 and float(r["train_peak_mem_mb"]) >= 0
+        train = float(r["train_gmacs"]) * 2 * float(r["train_samples_per_sec"]) / 1e3
+        assert float(r["train_tflops"]) == pytest.approx(train, rel=1e-2)
+        assert float(r["train_gmacs"]) > float(r["gmacs"]) > 0  # a step is more than a forward
+        assert r["peak_tflops"] == "" and r["train_mfu"] == ""  # a CPU has no entry in the peak table
+    udi = [r for r in rows if r["family"] == "UDI"]
+    assert all(r["infer_samples_per_sec"] == "" for r in udi)  # the UDI row is the pretraining step only
+    ga = next(r for r in rows if r["config"] == "ga_convnext_tiny")
+    assert float(ga["published_samples_per_sec"]) == 1452 and "Table 3" in ga["published_source"]
+
+
+@pytest.mark.gpu
+def test_official_suite_on_gpu(tmp_path):
+    """Every variant (fp32/bf16, eager/compiled) of a CoC row and the UDI step at full size, one timed step."""
+    rows, failed = bench_official.run_suite("cuda", patterns=["coc_tiny", "udi*"], batch_size=8, num_warm_iter=1,
+                                            num_bench_iter=1, results_file=tmp_path / "suite.csv")
+    assert failed == 0, [r["error"] for r in rows]
+    for r in rows:
+        assert r["train_samples_per_sec"] > 0 and r["train_peak_mem_mb"] > 0 and r["memory"] == "cuda allocator"
+        if r["peak_tflops"]:
+            assert 0 < r["train_mfu"] < 1

@@ -298,7 +298,7 @@ def test_cpu_recipe_trains(tmp_path):
 
     cfg = load_config(str(RECIPES / "coc_test_cpu.yaml"),
                       {"max_steps": 3, "output": str(tmp_path), "experiment": "coc", "epochs": 1})
-    assert (cfg.dataset, cfg.img_size, cfg.amp, cfg.workers) == ("digits", 32, False, 0)
+    assert (cfg.dataset, cfg.img_size, cfg.amp, cfg.workers) == ("digits", 32, "fp32", 0)
     summary = train(cfg, device="cpu")
     assert summary["global_step"] == 3
     assert (Path(summary["run_dir"]) / "last" / "model.safetensors").exists()

@@ -235,7 +235,7 @@ def test_retinanet_train_step_drops_the_stride4_level(one_thread, coco_root):
     assert set(losses) == {"classification", "bbox_regression"}
     model = build_detector(cfg, 3, pretrained=False)
     assert model.backbone.body.strides == [8, 16, 32]  # P3-P5 + P6/P7 on the FPN output
-    assert model.head.classification_head.num_classes == 4  # labels 1..3 index the logits directly
+    assert model.head.classification_head.num_classes == 3  # mmdet's K sigmoid logits; labels 1..3 outside
     assert model.anchor_generator.sizes[0] == pytest.approx((16.0, 16 * 2 ** (1 / 3), 16 * 2 ** (2 / 3)))
 
 
@@ -472,7 +472,7 @@ def test_cli_train_eval_visualize(one_thread, tmp_path, capsys):
                  "--out", str(tmp_path / "pred.png"), "--score-thresh", "0.0", "--device", "cpu"]) == 0
     from PIL import Image
 
-    assert Image.open(tmp_path / "pred.png").size == (64, 64)
+    assert Image.open(tmp_path / "pred.png").size == (256, 256)  # a 64 px image is drawn x4 (readable tags)
     assert "detections above" in capsys.readouterr().out
     model, cfg, classes = det.load_detector(run / "best")
     assert classes == ["circle", "square", "triangle"] and cfg.fpn_channels == 16 and not model.training

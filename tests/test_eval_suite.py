@@ -176,7 +176,7 @@ def _save_backbone(tmp_path):
 def test_finetune_loads_backbone_and_scales_new_head(tmp_path, capsys):
     backbone, run = _save_backbone(tmp_path)
     rc = main(["finetune", "--recipe", "udi/finetune_vit_test_cpu", "--checkpoint", str(run), "--lr", "0",
-               "--warmup-epochs", "0", "--epochs", "1", "--max-steps", "2", "--output", str(tmp_path / "runs"),
+               "--head-init-scale", "0.001", "--warmup-epochs", "0", "--epochs", "1", "--max-steps", "2", "--output", str(tmp_path / "runs"),
                "--exp", "ft", "--device", "cpu"])
     assert rc == 0
     assert "fine-tuned udi_vit_test" in capsys.readouterr().out

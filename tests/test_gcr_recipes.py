@@ -124,7 +124,7 @@ def assert_orthonormal(w: torch.Tensor, num_classes: int, atol: float = 1e-5) ->
 def test_cpu_recipe_trains_and_keeps_subspaces_orthonormal(tmp_path):
     torch.set_num_threads(1)
     cfg = cpu_cfg(tmp_path, experiment="smoke", max_steps=12)
-    assert (cfg.dataset, cfg.img_size, cfg.amp, cfg.model) == ("digits", 32, False, "gcr_test")
+    assert (cfg.dataset, cfg.img_size, cfg.amp, cfg.model) == ("digits", 32, "fp32", "gcr_test")
     out = train(cfg)
     assert out["global_step"] == 12
     w = head_weight(out["run_dir"])

@@ -416,7 +416,7 @@ def test_cpu_recipe_trains(tmp_path):
     from visionzoo.tasks.classify import train
 
     cfg = load_config("gpvit/gpvit_test_cpu", {"max_steps": 3, "output": str(tmp_path), "experiment": "cpu"})
-    assert (cfg.model, cfg.dataset, cfg.img_size, cfg.amp, cfg.workers) == ("gpvit_test", "digits", 32, False, 0)
+    assert (cfg.model, cfg.dataset, cfg.img_size, cfg.amp, cfg.workers) == ("gpvit_test", "digits", 32, "fp32", 0)
     out = train(cfg, device="cpu")
     assert out["global_step"] == 3
     assert (Path(out["run_dir"]) / "last" / "model.safetensors").exists()

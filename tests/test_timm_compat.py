@@ -76,7 +76,53 @@ def test_timm_suite_fast_subset():
 
 @pytest.mark.slow
 def test_timm_suite_all_models():
-    """Every kind of timm's test_models.py that we target, on every registered visionzoo model (~20 min on 2
-    CPU cores). Known failures (13) are listed in docs/timm_tests.md, so this fails until they are fixed."""
+    """Every kind of timm's test_models.py that we target, on every visionzoo model in timm's registry (~20-30 min
+    on 2 CPU cores); no known failures (docs/timm_tests.md has the counts)."""
     proc = _timm_suite("--", "-q", "-p", "no:warnings", *os.environ.get("VISIONZOO_TIMM_PYTEST_ARGS", "").split())
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_dense_coc_names_are_fork_feat_forms_of_the_base_models(tmp_path):
+    """``coc_{small,medium}_feat{2,5,7}`` are not timm names (their stage norms only feed the dense maps, so timm's
+    classifier tests would find parameters without a gradient): visionzoo builds them as ``coc_small`` /
+    ``coc_medium`` with ``fork_feat=True`` and p x p centers, and folders saved from them load again."""
+    from visionzoo.dense.backbones import build_backbone
+
+    assert not timm.is_model("coc_small_feat5") and visionzoo.models.is_model("coc_small_feat5")
+    assert "coc_small_feat5" not in visionzoo.list_models()  # older names: loadable, not listed
+    with torch.device("meta"):
+        old = visionzoo.create_model("coc_small_feat5")
+        base = timm.create_model("coc_small", fork_feat=True, proposals=5, num_classes=0)
+    assert old.pretrained_cfg["architecture"] == "coc_small_feat5" and old.num_classes == 0
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert old.proposals == base.proposals == [(5, 5)] * 4
+    bb = build_backbone("coc_small_feat5")
+    assert bb.strides == [4, 8, 16, 32] and bb.out_channels == [64, 128, 320, 512]
+
+    torch.manual_seed(0)
+    model = visionzoo.create_model("coc_small_feat2").eval()
+    visionzoo.save_pretrained(model, tmp_path / "saved")
+    loaded = visionzoo.load_pretrained(tmp_path / "saved").eval()
+    assert loaded.pretrained_cfg["architecture"] == "coc_small_feat2" and loaded.fork_feat
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model.forward_intermediates(x, intermediates_only=True),
+                        loaded.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_point_cloud_model_is_visionzoo_only(capsys):
+    """``coc_pointmlp`` takes ``[B, 3, N]`` point clouds: kept out of timm's image-model registry, still listed and
+    built by visionzoo (what the point-cloud task uses)."""
+    from visionzoo.cli import main
+
+    assert not timm.is_model("coc_pointmlp") and "coc_pointmlp" not in timm.list_models("coc_*")
+    assert "coc_pointmlp" in visionzoo.list_models() and "coc_pointmlp" in visionzoo.list_models("coc_p*")
+    assert main(["list", "models"]) == 0
+    assert "coc_pointmlp" in capsys.readouterr().out.split()
+    model = visionzoo.create_model("coc_pointmlp", points=128, k_neighbors=(8, 8, 8, 8), num_classes=4).eval()
+    assert model.pretrained_cfg["architecture"] == "coc_pointmlp" and model.pretrained_cfg["num_classes"] == 4
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 128)).shape == (2, 4)
+    with pytest.raises(visionzoo.models.UnknownModelError, match="coc_pointmlp"):
+        visionzoo.create_model("coc_pointmpl")  # a typo names the close match

@@ -91,7 +91,7 @@ def test_pretrain_cli_writes_outputs_and_refuses_reuse(tmp_path, capsys):
     assert best.keys() == teacher.keys()
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, m.num_features)
     torch.testing.assert_close(_load(out / "last" / "model.safetensors"), teacher, rtol=0, atol=0)
-    torch.testing.assert_close(_load(out / "teacher_ep0001" / "model.safetensors"), teacher, rtol=0, atol=0)
+    torch.testing.assert_close(_load(out / "snapshots" / "epoch_0001.safetensors"), teacher, rtol=0, atol=0)
     # the attention command of docs/models/udi.md reads the run folder
     from PIL import Image
 

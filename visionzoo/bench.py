@@ -4,10 +4,18 @@ Method (timm ``benchmark.py``): one synthetic batch is created on the device onc
 is measured, not the I/O); ``num_warm_iter`` untimed steps, then ``num_bench_iter`` timed steps with a device
 sync after each. ``samples_per_sec`` = samples / wall time of the whole timed loop; ``step_time_ms`` = mean time
 of one step. Inference runs under ``torch.inference_mode``; a train step is forward + cross-entropy on random
-targets + backward + SGD (timm ``create_optimizer_v2('sgd', lr=1e-4)``). AMP is ``torch.autocast``. An
-out-of-memory error retries with a smaller batch (timm ``decay_batch_step``: 256, 192, 128, 96, ...).
+targets + backward + SGD (timm ``create_optimizer_v2('sgd', lr=1e-4)``; ``opt`` picks another). AMP is
+``torch.autocast``. An out-of-memory error retries with a smaller batch (timm ``decay_batch_step``: 256, 192, 128, 96, ...).
 GMACs come from ``torch.utils.flop_counter.FlopCounterMode`` on a batch-1 eval forward (FLOPs / 2), run with the
 math SDPA backend so that attention is counted on every device (unlike fvcore).
+
+Peak memory (``*_peak_mem_mb``) is what a step needs on top of the model and its input at rest, over the warm-up and
+timed steps: on CUDA the caching allocator's ``max_memory_allocated`` minus what was allocated before the loop (the
+allocator's own peak is ``model_mem_mb`` + input + this); on CPU the process's resident high-water mark (Linux
+``VmHWM``, reset through ``/proc/self/clear_refs`` before each loop) minus its resident size before the loop.
+``visionzoo benchmark`` measures CPU rows in a fresh subprocess per model, so that no earlier model's freed heap
+hides a later model's allocations. Gradient checkpointing (``grad_checkpointing=True``) uses the model's own
+``set_grad_checkpointing``.
 
 torch and timm are imported inside functions so that ``visionzoo benchmark --help`` starts at once.
 """
@@ -36,7 +44,8 @@ FIELDS = (
     "model", "model_kwargs", "baseline", "device", "precision", "channels_last", "compile", "batch_size", "img_size",
     "infer_samples_per_sec", "infer_step_time_ms", "infer_batch_size",
     "train_samples_per_sec", "train_step_time_ms", "train_batch_size",
-    "param_count", "params", "gmacs",
+    "infer_peak_mem_mb", "train_peak_mem_mb", "model_mem_mb", "memory", "grad_checkpointing",
+    "param_count", "params", "gmacs", "train_gmacs",
     "torch", "timm", "visionzoo", "date", "cpu_count", "torch_threads", "cpu", "gpu", "error",
 )
 
@@ -68,6 +77,71 @@ def _is_oom(err: BaseException) -> bool:
     """Out-of-memory errors get a smaller batch. Unlike timm (which retries any RuntimeError but a few), other
     errors are raised at once: retrying a shape bug down to batch 1 only hides it."""
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+_MiB = 2 ** 20
+
+
+def _proc_status_kb(key: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM); None where there is no procfs."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the code run between ``start()`` and ``stop()``, above what was in use at ``start()``, in MiB.
+
+    CUDA: the caching allocator's counters (exact, any process). CPU: the resident high-water mark. Freed heap is
+    first given back to the system (``malloc_trim``) and the mark reset (``clear_refs``, Linux >= 4.0), so the
+    number is the loop's own; where the mark cannot be reset, only the first measurement of a process is kept.
+    ``how`` says which (the ``memory`` column), ``None`` where nothing can be measured.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.how: str | None = None
+        self._base = 0
+        self._measured = False
+
+    def _trim(self) -> None:
+        import ctypes
+
+        try:  # (no gc.collect: tensors are freed by reference counting, and a full collection costs ~1 s here)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: return freed heap pages, so RSS = memory in use
+        except (OSError, AttributeError):
+            pass
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base, self.how = torch.cuda.memory_allocated(self.device), "cuda allocator"
+            return
+        if self.device.type != "cpu" or _proc_status_kb("VmHWM") is None:
+            return
+        self._trim()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
+            self.how = "cpu rss"
+        except OSError:
+            self.how = None if self._measured else "cpu rss (first loop of the process)"
+        self._base = _proc_status_kb("VmRSS") * 1024
+
+    def stop(self) -> float | None:
+        if self.how is None:
+            return None
+        self._measured = True
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            peak = _proc_status_kb("VmHWM") * 1024 - self._base
+        return round(max(peak, 0) / _MiB, 1)
 
 
 def _flat_tensors(out) -> list:
@@ -104,26 +178,66 @@ def train_loss(output, target, num_classes: int | None):
     return loss
 
 
-def count_gmacs(model, input_size, device=None, dtype=None) -> float:
-    """GMACs of one eval forward at batch 1 (``FlopCounterMode`` FLOPs / 2 / 1e9), as papers and timm report."""
+def count_gmacs_of(fn) -> float:
+    """GMACs (FLOPs / 2 / 1e9) that ``fn()`` runs, forward and backward, by ``FlopCounterMode``. The math SDPA
+    backend decomposes attention into matmuls the counter sees (it has no formula for the fused CPU kernels, which
+    would leave attention uncounted on CPU)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def _param_device_dtype(model, device, dtype):
     param = next(iter(model.parameters()), None)
     device = device or (param.device if param is not None else torch.device("cpu"))
     dtype = dtype or (param.dtype if param is not None else torch.float32)
+    return device, dtype
+
+
+def count_gmacs(model, input_size, device=None, dtype=None) -> float:
+    """GMACs of one eval forward at batch 1 (``FlopCounterMode`` FLOPs / 2 / 1e9), as papers and timm report."""
+    device, dtype = _param_device_dtype(model, device, dtype)
     x = torch.randn((1,) + tuple(input_size), device=device, dtype=dtype)
     was_training = model.training
     model.eval()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     try:
-        # the math SDPA backend decomposes attention into matmuls the counter sees (it has no formula for the
-        # fused CPU kernels, which would leave attention uncounted on CPU)
-        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-            model(x)
+        with torch.no_grad():
+            return count_gmacs_of(lambda: model(x))
     finally:
         model.train(was_training)
-    return counter.get_total_flops() / 2 / 1e9
+
+
+def count_train_gmacs(model, input_size, num_classes=None, device=None, dtype=None, batch_size: int = 2) -> float:
+    """GMACs per image of one train step's forward + backward (counted at ``batch_size``, 2 so that BatchNorm
+    trains; the optimizer's elementwise update is not counted). About 3x the forward for most models; the real
+    count also sees what the train mode adds (distillation heads, drop paths off). Gradients are cleared after."""
+    device, dtype = _param_device_dtype(model, device, dtype)
+    x = torch.randn((batch_size,) + tuple(input_size), device=device, dtype=dtype)
+    target = torch.randint(max(num_classes or 1, 1), (batch_size,), device=device)
+    was_training = model.training
+    model.train()
+    try:
+        return count_gmacs_of(lambda: train_loss(model(x), target, num_classes).backward()) / batch_size
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def autocast_factory(precision: str, device: torch.device):
+    """A no-argument callable giving the autocast context of a benchmark ``precision`` (a null one for fp32 and
+    for the cast precisions float16/bfloat16, which change the model's dtype instead)."""
+    import contextlib
+    from functools import partial
+
+    if not precision.startswith("amp"):
+        return contextlib.nullcontext
+    from .engine.precision import autocast_context
+
+    amp_dtype = torch.bfloat16 if precision == "amp_bfloat16" else torch.float16
+    return partial(autocast_context, torch.device(device), dtype=amp_dtype)
 
 
 def _input_size(model, img_size) -> tuple[int, int, int]:
@@ -164,6 +278,8 @@ def _time_loop(step, device, num_warm_iter: int, num_bench_iter: int, batch_size
         _sync(device)
         return time.perf_counter()
 
+    meter = PeakMemory(device)
+    meter.start()
     for _ in range(num_warm_iter):
         step()
     _sync(device)
@@ -177,6 +293,7 @@ def _time_loop(step, device, num_warm_iter: int, num_bench_iter: int, batch_size
     return dict(
         samples_per_sec=round(batch_size * num_bench_iter / elapsed, 2),
         step_time_ms=round(1000 * total_step / num_bench_iter, 3),
+        peak_mem_mb=meter.stop(), memory=meter.how,
     )
 
 
@@ -191,11 +308,19 @@ def _bench_infer(model, x, autocast, device, num_warm_iter, num_bench_iter):
         return _time_loop(step, device, num_warm_iter, num_bench_iter, x.shape[0])
 
 
-def _bench_train(model, x, autocast, device, num_warm_iter, num_bench_iter, num_classes):
-    from timm.optim import create_optimizer_v2
+def make_optimizer(model, opt: str = "sgd"):
+    """timm benchmark.py's optimizer (``sgd``, lr 1e-4, momentum 0.9, no weight decay), or any name of the
+    engine's ``create_optimizer`` (``gcr_sgd``: GCR's Riemannian composite step)."""
+    from types import SimpleNamespace
 
+    from .engine.optim import create_optimizer
+
+    return create_optimizer(SimpleNamespace(opt=opt, weight_decay=0.0, momentum=0.9), model, lr=1e-4)
+
+
+def _bench_train(model, x, autocast, device, num_warm_iter, num_bench_iter, num_classes, opt="sgd"):
     model.train()
-    optimizer = create_optimizer_v2(model, opt="sgd", lr=1e-4)
+    optimizer = make_optimizer(model, opt)
     target = torch.randint(max(num_classes or 1, 1), (x.shape[0],), device=device)
 
     def step():
@@ -248,6 +373,9 @@ def benchmark_model(
     model_kwargs: dict | None = None,
     num_classes: int | None = None,
     retry_oom: bool = True,
+    grad_checkpointing: bool = False,
+    opt: str = "sgd",
+    train_gmacs: bool = False,
 ) -> dict[str, Any]:
     """Benchmark one model; returns a row dict with the keys of ``FIELDS``.
 
@@ -256,10 +384,10 @@ def benchmark_model(
     when given it is also passed to the constructor of models that take an ``img_size`` argument.
     ``precision``: ``float32``, ``amp`` (fp16 autocast), ``amp_bfloat16``, or ``float16`` / ``bfloat16`` (model and
     input cast). ``torchcompile``: ``None`` (eager) or a ``torch.compile`` mode such as ``'default'``.
+    ``grad_checkpointing``: recompute activations in the backward (the model's ``set_grad_checkpointing``).
+    ``opt``: the train step's optimizer (:func:`make_optimizer`). ``train_gmacs``: also count the train step's
+    forward + backward GMACs per image (:func:`count_train_gmacs`).
     """
-    import contextlib
-    from functools import partial
-
     import timm
 
     import visionzoo
@@ -280,19 +408,21 @@ def benchmark_model(
         check_model_name(model_name)
         model, name = _build_model(model_name, img_size, num_classes, model_kwargs), model_name
     input_size = _input_size(model, img_size)
+    if grad_checkpointing:
+        if not callable(getattr(model, "set_grad_checkpointing", None)):
+            raise UserError(f"{name} has no set_grad_checkpointing(): benchmark it without --grad-checkpointing.")
+        model.set_grad_checkpointing(True)
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(precision, torch.float32)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, dtype=dtype, memory_format=memory_format)
-    if precision.startswith("amp"):
-        amp_dtype = torch.bfloat16 if precision == "amp_bfloat16" else torch.float16
-        autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
-    else:
-        autocast = contextlib.nullcontext
+    autocast = autocast_factory(precision, device)
 
     params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     gmacs = count_gmacs(model, input_size, device=device, dtype=dtype)
     n_classes = getattr(model, "num_classes", None)
+    step_gmacs = count_train_gmacs(model, input_size, n_classes, device, dtype) if train_gmacs else None
     runner = torch.compile(model, backend="inductor", mode=torchcompile) if torchcompile else model
 
     def make_input(b):
@@ -304,6 +434,8 @@ def benchmark_model(
         model=name, baseline=False, device=str(device), precision=precision, channels_last=channels_last,
         compile=torchcompile or "", batch_size=batch_size, img_size=h if h == w else f"{h}x{w}",
         param_count=round(params / 1e6, 2), params=params, gmacs=float(f"{gmacs:.4g}"),
+        model_mem_mb=round(model_bytes / _MiB, 1), grad_checkpointing=grad_checkpointing,
+        train_gmacs=None if step_gmacs is None else float(f"{step_gmacs:.4g}"),
         torch=torch.__version__, timm=timm.__version__, visionzoo=visionzoo.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), cpu=_cpu_model(),
@@ -314,14 +446,14 @@ def benchmark_model(
             lambda b: _bench_infer(runner, make_input(b), autocast, device, num_warm_iter, num_bench_iter),
             batch_size, retry_oom, f"{name} infer", device)
         row.update(infer_samples_per_sec=res["samples_per_sec"], infer_step_time_ms=res["step_time_ms"],
-                   infer_batch_size=b)
+                   infer_batch_size=b, infer_peak_mem_mb=res["peak_mem_mb"], memory=res["memory"])
     if bench in ("both", "train"):
         res, b = _run_with_retry(
             lambda b: _bench_train(runner, make_input(b), autocast, device, num_warm_iter, num_bench_iter,
-                                   n_classes),
+                                   n_classes, opt),
             batch_size, retry_oom, f"{name} train", device)
         row.update(train_samples_per_sec=res["samples_per_sec"], train_step_time_ms=res["step_time_ms"],
-                   train_batch_size=b)
+                   train_batch_size=b, train_peak_mem_mb=res["peak_mem_mb"], memory=res["memory"])
     return row
 
 
@@ -370,18 +502,18 @@ def _read_model_list(path: str) -> list[str]:
     return [ln for ln in lines if ln]
 
 
-def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+def write_rows(path: str | os.PathLike, rows: list[dict], fields: tuple[str, ...] = FIELDS) -> None:
     """Append rows to a CSV; the header is written only when the file is new or empty."""
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-        if header != list(FIELDS):
+        if header != list(fields):
             raise UserError(f"{path} has other columns than a `visionzoo benchmark` CSV; pick another --results-file.")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerows(rows)
@@ -391,7 +523,7 @@ def format_table(rows: list[dict]) -> str:
     """A plain-text table of the main columns (markdown-compatible)."""
     cols = [("model", "model"), ("infer_samples_per_sec", "infer img/s"), ("infer_step_time_ms", "infer ms"),
             ("train_samples_per_sec", "train img/s"), ("train_step_time_ms", "train ms"),
-            ("batch_size", "batch"), ("img_size", "img"), ("param_count", "params (M)"), ("gmacs", "GMACs")]
+            ("infer_peak_mem_mb", "infer peak MiB"), ("train_peak_mem_mb", "train peak MiB"), ("batch_size", "batch"), ("img_size", "img"), ("param_count", "params (M)"), ("gmacs", "GMACs")]
 
     def cell(row, key):
         v = row.get(key)
@@ -401,6 +533,8 @@ def format_table(rows: list[dict]) -> str:
             v = f"{v} [{row['model_kwargs']}]"
         if key == "model" and row.get("error"):
             return f"{v} (failed)"
+        if key == "model" and row.get("grad_checkpointing"):
+            v = f"{v} (grad ckpt)"
         return "" if v is None else str(v)
 
     table = [[title for _, title in cols]] + [[cell(r, k) for k, _ in cols] for r in rows]
@@ -410,9 +544,49 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _isolated_child() -> None:
+    """The fresh process of :func:`benchmark_isolated`: kwargs as JSON on stdin, the row as JSON on stdout's last
+    line (an error as ``{"error": ..., "user_error": ...}``)."""
+    import json
+
+    kwargs = json.loads(sys.stdin.read())
+    threads = kwargs.pop("threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        out = benchmark_model(**kwargs)
+    except Exception as e:  # the parent reports it as this model's failure
+        out = {"error": f"{type(e).__name__}: {e}", "user_error": isinstance(e, UserError)}
+    print(json.dumps(out, default=str))
+
+
+def benchmark_isolated(model_name: str, threads: int | None = None, **kwargs) -> dict[str, Any]:
+    """:func:`benchmark_model` in a fresh Python process: the CPU memory columns then hold this model's own
+    high-water mark, whatever ran before it in the caller (freed heap of earlier models is not reused)."""
+    import json
+    import subprocess
+
+    payload = json.dumps(dict(kwargs, model_name=model_name, threads=threads))
+    code = "from visionzoo.bench import _isolated_child; _isolated_child()"
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        row = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"the benchmark process of {model_name} exited with code {proc.returncode} "
+                           "and no result (see its messages above)") from None
+    if set(row) == {"error", "user_error"}:
+        raise (UserError if row["user_error"] else RuntimeError)(row["error"])
+    if row.get("memory"):
+        row["memory"] += ", fresh process"
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `visionzoo benchmark`; returns the exit code (1 when a model failed, 0 otherwise)."""
     patterns = list(args.model) + (_read_model_list(args.model_list) if args.model_list else [])
+    if getattr(args, "suite", None):
+        return _run_suite(args, patterns)
     if not patterns and not args.baseline:
         raise UserError("Nothing to benchmark: pass --model NAME [NAME ...] (or --model-list FILE).")
     jobs = [(n, False) for n in resolve_model_names(patterns)]
@@ -424,18 +598,30 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or (8 if device == "cpu" else 256)
-    precision = "amp" if args.amp else args.precision
+    precision = args.precision
+    if args.amp is not None:  # --amp NAME, spelled as in every command (auto: bf16 where native, else fp32)
+        from .engine.precision import amp_dtype, amp_name
+
+        name = amp_name(args.amp)
+        if name == "auto":
+            name = "bf16" if amp_dtype(name, device) is not None else "fp32"
+        precision = {"bf16": "amp_bfloat16", "fp16": "amp", "fp32": "float32"}[name]
 
     rows, failed = [], 0
     for name, is_baseline in jobs:
-        print(f"benchmarking {name}{' (timm baseline)' if is_baseline else ''} ...", file=sys.stderr, flush=True)
+        print(f"benchmarking {name}{' (timm baseline)' if is_baseline else ''} ({precision}, batch {batch_size}, "
+              f"{device}) ...", file=sys.stderr, flush=True)
+        kwargs = dict(
+            device=device, batch_size=batch_size, img_size=args.img_size, precision=precision,
+            channels_last=args.channels_last, torchcompile=args.torchcompile, bench=args.bench,
+            num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
+            model_kwargs={} if is_baseline else model_kwargs,  # options of our models, not timm's
+            num_classes=args.num_classes, retry_oom=not args.no_retry, grad_checkpointing=args.grad_checkpointing)
         try:
-            row = benchmark_model(
-                name, device=device, batch_size=batch_size, img_size=args.img_size, precision=precision,
-                channels_last=args.channels_last, torchcompile=args.torchcompile, bench=args.bench,
-                num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
-                model_kwargs={} if is_baseline else model_kwargs,  # options of our models, not timm's
-                num_classes=args.num_classes, retry_oom=not args.no_retry)
+            if torch.device(device).type == "cpu" and not args.in_process:
+                row = benchmark_isolated(name, threads=args.threads, **kwargs)
+            else:
+                row = benchmark_model(name, **kwargs)
         except Exception as e:  # one broken model must not lose the others' rows (timm does the same)
             failed += 1
             print(f"  {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -448,6 +634,26 @@ def run(args: argparse.Namespace) -> int:
         if args.results_file:
             write_rows(args.results_file, [row])
     print(format_table(rows))
+    if args.results_file:
+        print(f"results appended to {args.results_file}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_suite(args: argparse.Namespace, patterns: list[str]) -> int:
+    """`visionzoo benchmark --suite official`: visionzoo.bench_official over the selected rows."""
+    from .bench_official import format_suite_table, run_suite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = dict(batch_size=2, img_size=32, num_warm_iter=0, num_bench_iter=1) if args.smoke else {}
+    given = dict(batch_size=args.batch_size, img_size=args.img_size)
+    settings = dict(smoke, **{k: v for k, v in given.items() if v is not None})
+    if not args.smoke:  # the suite's own batch sizes unless -b; timm's step counts unless given
+        settings.update(num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter)
+    rows, failed = run_suite(device, args.variants, patterns, smoke=args.smoke, results_file=args.results_file,
+                             **settings)
+    print(format_suite_table(rows))
     if args.results_file:
         print(f"results appended to {args.results_file}", file=sys.stderr)
     return 1 if failed else 0

@@ -85,6 +85,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_save_safetensors(state_dict: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """A state dict as one safetensors file (CPU, contiguous; ``metadata`` values as strings), written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
 def safe_globals() -> list:
     """Non-tensor types that training states hold and the weights-only loader may rebuild (numpy RNG states)."""
     import numpy as np

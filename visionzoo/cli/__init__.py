@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..engine.config import add_config_flags
+from ..engine.config import add_amp_flag, add_config_flags
 from ..errors import UserError
 from . import tools
 from .commands import cmd_demo, cmd_list, cmd_to_lmdb, cmd_train, cmd_validate, cmd_visualize
+from .official_flags import add_timm_aliases
 
 # The tools: name -> (the module that runs them, its help line). Their flags are in cli/tools.py (the function
 # named like the tool), torch-free; the module is imported only when its command runs.
@@ -28,6 +29,7 @@ TOOLS = {
                                       "backbone: train, eval (mIoU)"),
     "semisup": ("engine.semisup", "semi-supervised evaluation: logistic regression on 1%%/10%% of the labels"),
     "videoseg": ("dense.video", "video object segmentation by label propagation (DAVIS-2017 layout, J&F)"),
+    "export": ("export", "a model (classifier or features_only) to ONNX or a torch.export program, verified"),
 }
 
 
@@ -45,7 +47,17 @@ def _tool_runner(module: str):
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line naming the flag, and where the full usage is (not a screen of usage)."""
 
+    argv: list[str] | None = None  # set on the top-level parser: what it parses, to name the command in errors
+
     def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if self.argv is not None and message.startswith(prefix):  # an official script's or timm's flag?
+            from .official_flags import explain, known_options
+
+            command, known = known_options(self, self.argv)
+            message = explain(message[len(prefix):].split(" "), command, known) or message
+            if command:
+                self.exit(2, f"{self.prog} {command}: error: {message} (see {self.prog} {command} --help)\n")
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -66,6 +78,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--model", default=None, help="another model than the demo recipe's")
     p.add_argument("--device", default=None)
+    add_amp_flag(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="supervised training from a recipe and/or flags",
@@ -78,6 +91,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto, cuda if available)")
     tools._profile_argument(p)
     add_config_flags(p, TrainConfig)
+    add_timm_aliases(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="top-1/top-5/loss of a model, weights file or run directory")
@@ -90,7 +104,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--crop-pct", type=float, default=None)
-    p.add_argument("--amp", action="store_true")
+    add_amp_flag(p, default="fp32")
     p.add_argument("--use-ema", action="store_true", help="for a run directory: evaluate the EMA weights")
     p.add_argument("--device", default=None)
     p.add_argument("--results-file", default=None)
@@ -114,15 +128,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="cluster maps (CoC), group maps (GPViT), attention maps (ViT)")
     vsub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True)
+    common.add_argument("--model", default=None,
+                        help="model name (not needed when --checkpoint is a run folder or save_pretrained folder)")
     common.add_argument("--checkpoint", default=None)
     common.add_argument("--image", default="sample", help="image file, or 'sample' for a scikit-learn sample image")
     common.add_argument("--out", default=None, help="output PNG")
     common.add_argument("--img-size", type=int, default=None)
+    add_amp_flag(common, default="fp32")
     q = vsub.add_parser("clusters", parents=[common], help="CoC: hard cluster assignment of one block and head")
     q.add_argument("--stage", type=int, default=0)
     q.add_argument("--block", type=int, default=0)
     q.add_argument("--head", type=int, default=0)
+    q.add_argument("--animate", action="store_true",
+                   help="a GIF (.mp4 with imageio-ffmpeg) over the snapshots of the run folder --checkpoint RUN")
     q.set_defaults(func=cmd_visualize)
     q = vsub.add_parser("groups", parents=[common], help="GPViT: group assignment and group attention of a GP block")
     q.add_argument("--layer", type=int, default=None)
@@ -138,6 +156,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if name == wanted:
             getattr(tools, name)(p)
         p.set_defaults(func=_tool_runner(module))
+    parser.argv = list(argv)
     return parser
 
 
@@ -155,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .. import models  # noqa: F401  registers our models into timm (deferred so that --help stays fast)
 
-        return int(args.func(args) or 0)
+        with _quiet_unless_rank_zero():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # a training loop saved its state first and says how to resume
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
@@ -164,6 +184,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (RANK) or srun without torchrun (SLURM_PROCID of a multi-task step), read
+    without torch; 0 for a plain run."""
+    import os
+
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
+def _quiet_unless_rank_zero():
+    """Only rank 0 speaks: the other processes of a multi-process run print nothing on stdout (results, the run
+    header, the log, "run directory: ..."); errors and Python warnings still reach stderr."""
+    import contextlib
+    import os
+
+    stack = contextlib.ExitStack()
+    if process_rank() != 0:
+        stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    return stack
 
 
 def _is_user_error(e: Exception) -> bool:

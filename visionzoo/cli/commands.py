@@ -15,6 +15,8 @@ def cmd_train(args) -> int:
     elif data is not None:
         overrides.setdefault("data_dir", data)
         overrides.setdefault("dataset", "auto")
+    elif "data_dir" in overrides:  # timm's --data-dir ROOT alone: read ROOT, not the default digits
+        overrides.setdefault("dataset", "auto")
     overrides = apply_overrides(overrides, args.set or [])
     cfg = load_config(args.recipe, overrides)
     if args.profile:
@@ -38,6 +40,8 @@ def cmd_demo(args) -> int:
         overrides["epochs"] = args.epochs
     if args.model is not None:
         overrides["model"] = args.model
+    if args.amp is not None:
+        overrides["amp"] = args.amp
     cfg = load_config("demo/digits", overrides)
     from ..tasks.classify import train
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine.config import TrainConfig, add_config_flags
+from ..engine.config import TrainConfig, add_amp_flag, add_config_flags
+from .official_flags import add_timm_aliases
 
 # the library's choices (visionzoo.engine.features.TOKENS, engine.linear.AUGMENTS, ...; tests/test_cli.py compares)
 TOKENS = ("auto", "cls", "cls+", "both", "pooled")
@@ -18,6 +19,8 @@ STYLES = ("shapes", "texture", "lighting")
 PRECISIONS = ("float32", "amp", "amp_bfloat16", "float16", "bfloat16")
 BENCH_MODES = ("both", "infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SUITES = ("official",)  # visionzoo.bench_official
+SUITE_VARIANTS = ("fp32", "bf16", "fp32+compile", "bf16+compile")  # bench_official.VARIANTS
 METHODS = ("udi",)
 
 
@@ -89,6 +92,7 @@ def frozen_feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", "-b", type=POSITIVE, default=128)
     parser.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loader processes (default: 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_amp_flag(parser, default="fp32")
     parser.add_argument("--out", default=None, metavar="DIR", help="write results (CSV + JSON) into DIR")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random-init model (and of the probe)")
 
@@ -160,6 +164,7 @@ def transfer(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/transfer.csv and one PNG per dataset")
     parser.add_argument("--batch-size", "-b", type=POSITIVE, default=64)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_amp_flag(parser, default="fp32")
     parser.add_argument("--workers", type=NON_NEGATIVE, default=0, help="data loader processes (default: 0)")
     parser.add_argument("--img-size", type=POSITIVE, default=None,
                         help="eval input size (default: the model's pretrained cfg)")
@@ -195,6 +200,7 @@ def finetune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. layer_decay=0.65")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_config_flags(parser, TrainConfig)
+    add_timm_aliases(parser, TrainConfig)
 
 # ----------------------------------------------------------------------------------------------------------------
 # video label propagation
@@ -219,6 +225,7 @@ def videoseg(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.1, help="affinity temperature (default: 0.1)")
     p.add_argument("--batch-size", "-b", type=POSITIVE, default=8, help="frames per feature batch (default: 8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_amp_flag(p, default="fp32")
     p.add_argument("--seed", type=int, default=0, help="seed of a random-init model")
     p.add_argument("--out", required=True, help="folder for <seq>/<frame>.png predictions and videoseg.{json,csv}")
     p = sub.add_parser("score", help="J&F of existing palette PNGs (RESULTS/<seq>/<frame>.png) against DAVIS")
@@ -287,6 +294,8 @@ def detect(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--score-thresh", type=float, default=0.5)
     for p in (t, e, v):
         _device_arguments(p)
+    for p in (e, v):  # train takes --amp from DetectionConfig
+        add_amp_flag(p, default="fp32")
 
 
 def segment(parser: argparse.ArgumentParser) -> None:
@@ -311,11 +320,11 @@ def segment(parser: argparse.ArgumentParser) -> None:
     _device_arguments(p)
     add_config_flags(p, SegmentationConfig)
     p = sub.add_parser("eval", help="mIoU / aAcc / mAcc of a trained run on the validation split")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", help="a run folder (best/, else last/), an exported folder, a train_state.pt or "
-                                        "an older run's iter_N.pth")
-    g.add_argument("--recipe", help="evaluate the recipe's UNTRAINED model (seeded as `train` seeds it; with its "
-                                    "`pretrained` backbone if set): the learning-check baseline")
+    p.add_argument("--checkpoint", help="a run folder (best/, else last/), an exported folder, a train_state.pt, "
+                                        "an older run's iter_N.pth or an official mmseg .pth")
+    p.add_argument("--recipe", help="alone: evaluate the recipe's UNTRAINED model (seeded as `train` seeds it; with "
+                                    "its `pretrained` backbone if set), the learning-check baseline; with an official "
+                                    "mmseg --checkpoint: the recipe to build (default: the one of its config)")
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the recipe's test_mode")
     p.add_argument("--aug-test", action="store_true",
                    help="multi-scale + flip test as mmseg's test.py --aug-test (ratios 0.5-1.75 of img_scale; "
@@ -325,12 +334,14 @@ def segment(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "--results", dest="results", default=None, help="write the metrics JSON here")
     p.add_argument("-j", "--workers", type=NON_NEGATIVE, default=2, help="data-loading processes")
     _device_arguments(p)
+    add_amp_flag(p, default="fp32")
     p = sub.add_parser("visualize", help="colour overlay of the predicted classes on one image")
     p.add_argument("--checkpoint", required=True, help="a run folder, an exported folder or an older iter_N.pth")
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--mode", choices=["whole", "slide"], default=None)
     _device_arguments(p)
+    add_amp_flag(p, default="fp32")
 
 
 def pointcloud(parser: argparse.ArgumentParser) -> None:
@@ -387,7 +398,7 @@ def benchmark(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=POSITIVE, default=None, metavar="S",
                         help="input resolution (default: the model's test input size)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="numeric precision")
-    parser.add_argument("--amp", action="store_true", help="same as --precision amp (fp16 autocast)")
+    add_amp_flag(parser, alone="fp16")  # --amp NAME: the autocast precisions, spelled as in every command
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     parser.add_argument("--torchcompile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         metavar="MODE", help=f"torch.compile the model (inductor), mode: {', '.join(COMPILE_MODES)}")
@@ -402,6 +413,51 @@ def benchmark(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=POSITIVE, default=None, metavar="N",
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-retry", action="store_true", help="do not retry smaller batches on out-of-memory")
+    parser.add_argument("--suite", choices=SUITES, default=None,
+                        help="official: each family's published configurations (fp32/bf16, eager/compiled) with "
+                             "img/s, peak memory, GMACs, TFLOP/s and MFU next to the published img/s; --model then "
+                             "filters its rows by name (wildcards)")
+    parser.add_argument("--variants", nargs="+", choices=SUITE_VARIANTS, default=list(SUITE_VARIANTS),
+                        help="with --suite: which precisions / compile modes (default: all four)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="with --suite: every model swapped for its family's tiny test model, 32 px, batch 2, "
+                             "1 step (checks that the suite runs; the numbers mean nothing)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute activations in the backward (the model's set_grad_checkpointing)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU: run every model in this process (default: a fresh process per model, so that "
+                             "the peak-memory columns are each model's own)")
     parser.add_argument("--results-file", default=None, metavar="CSV",
                         help="append one row per model to this CSV (header written once)")
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export
+
+EXPORT_FORMATS = ("onnx", "exported-program")  # visionzoo.export.FORMATS
+
+
+def export(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Export a model with torch's own exporters (torch.export; ONNX by the dynamo exporter), "
+                          "then run the file on a fresh input and print its largest difference from the eager model.")
+    parser.add_argument("model", help="model name, save_pretrained folder or run folder")
+    parser.add_argument("--checkpoint", default=None, metavar="W",
+                        help="weights for a model name (ours or official; a run folder: its best/ or last/). "
+                             "Default: the model's random initialisation")
+    parser.add_argument("--format", default="onnx", choices=EXPORT_FORMATS,
+                        help="onnx (.onnx, opens in onnxruntime) or exported-program (.pt2, torch.export.load)")
+    parser.add_argument("--output", "-o", default=None, metavar="FILE",
+                        help="file to write (default: ./MODEL.onnx or ./MODEL.pt2)")
+    parser.add_argument("--img-size", type=POSITIVE, default=None, metavar="S",
+                        help="input resolution (default: the model's input size)")
+    parser.add_argument("--batch-size", "-b", type=POSITIVE, default=2, metavar="N",
+                        help="batch size of the example input (default: 2)")
+    parser.add_argument("--dynamic-batch", action="store_true", help="keep the batch size symbolic in the file")
+    parser.add_argument("--features-only", action="store_true", help="export the multi-scale feature maps (timm's "
+                                                                       "features_only=True) instead of the logits")
+    parser.add_argument("--num-classes", type=NON_NEGATIVE, default=None, metavar="N",
+                        help="classifier size (default: the checkpoint's, else the model's)")
+    parser.add_argument("--use-ema", action="store_true", help="for a run folder: export the EMA weights")
+    parser.add_argument("--opset", type=POSITIVE, default=None, metavar="N", help="ONNX opset (default: torch's)")
+    parser.add_argument("--no-verify", action="store_true", help="do not run the exported file against eager")

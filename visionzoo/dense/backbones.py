@@ -336,10 +336,11 @@ def build_backbone(model: str, *, neck: str = "auto", out_indices=None, checkpoi
 
     import timm
 
-    from ..models import check_model_name
+    from ..models import check_model_name, model_entrypoint
 
     check_model_name(model)  # a clear error with close matches for an unknown name
-    if timm.models.model_entrypoint(model).__module__ == "visionzoo.models.gpvit":
+    entry_module = model_entrypoint(model).__module__  # older names kept loadable (coc_small_feat2) too
+    if entry_module == "visionzoo.models.gpvit":
         # GPViT: the per-layer LNs of the chosen layers exist only when the model is built with out_norms
         with torch.device("meta"):  # the depth of this variant, without allocating it
             depth = len(timm.create_model(model, **kwargs).blocks)
@@ -347,8 +348,7 @@ def build_backbone(model: str, *, neck: str = "auto", out_indices=None, checkpoi
             [2, 5, 8, 11] if depth == 12 else _even_indices(depth))
         _check_indices(model, idx, depth)
         kwargs.setdefault("out_norms", tuple(sorted(set(i for i in idx if i != depth - 1))))
-    entry_module = timm.models.model_entrypoint(model).__module__
-    if entry_module == "visionzoo.models.context_cluster" and model != "coc_pointmlp":
+    if entry_module == "visionzoo.models.context_cluster":
         # the official CoC dense backbone is the fork_feat model (a GroupNorm per stage output); building it directly
         # also lets mmdet/mmseg checkpoints (stage norms, no norm/head) load under a classification name (coc_small)
         kwargs.setdefault("fork_feat", True)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..engine.precision import autocast_context
 from ..errors import InputNotFoundError, UserError
 
 RESOLUTION = "480p"
@@ -438,7 +439,7 @@ def _load_frame(path, size: tuple[int, int], mean, std):
 
 def segment_sequence(model, frames: list, first_ann, out_dir=None, *, short_side: int = 480,
                      size_multiple: int = 64, n_last_frames: int = 7, radius: int = 12, topk: int = 5,
-                     temperature: float = 0.1, device="cpu", batch_size: int = 8) -> np.ndarray:
+                     temperature: float = 0.1, device="cpu", batch_size: int = 8, amp="fp32") -> np.ndarray:
     """Propagate the first annotation through ``frames`` (paths); returns the predicted labels uint8
     ``[T, H, W]`` at the original size and, with ``out_dir``, writes them as palette PNGs (the first
     annotation's palette). Features do not depend on the predictions, so they are computed first, in batches of
@@ -456,10 +457,10 @@ def segment_sequence(model, frames: list, first_ann, out_dir=None, *, short_side
     seg0 = F.one_hot(torch.from_numpy(small).reshape(-1), n_labels).T.float().to(device)  # [K, N]
     mask = neighbourhood_mask(h, w, radius, device) if radius > 0 else None
 
-    with torch.no_grad():
+    with torch.no_grad(), autocast_context(device, amp):  # features in ``amp``; the propagation in fp32
         feats = torch.cat([
             patch_features(model, torch.cat([_load_frame(f, (th, tw), mean, std) for f in frames[i:i + batch_size]])
-                           .to(device)) for i in range(0, len(frames), batch_size)])  # [T, N, C]
+                           .to(device)).float() for i in range(0, len(frames), batch_size)])  # [T, N, C]
 
     preds = np.empty((len(frames), H, W), dtype=np.uint8)
     preds[0] = labels0
@@ -692,6 +693,7 @@ def run(args) -> int:
     if args.topk < 1 or args.temperature <= 0 or args.size_multiple < 1 or args.batch_size < 1:
         raise UserError("--topk, --size-multiple and --batch-size must be >= 1 and --temperature > 0")
     from ..engine.knn import resolve_device
+    from ..engine.precision import describe
 
     root = _resolve_data(args, args.out)
     sequences = list_sequences(root, args.split, args.sequences)
@@ -700,12 +702,12 @@ def run(args) -> int:
     summary = evaluate(model, root, sequences, args.out, device, short_side=args.short_side,
                        size_multiple=args.size_multiple, n_last_frames=args.n_last_frames,
                        radius=args.size_mask_neighborhood, topk=args.topk, temperature=args.temperature,
-                       batch_size=args.batch_size)
-    summary.update(model=args.model, checkpoint=args.checkpoint, data=args.data,
+                       batch_size=args.batch_size, amp=args.amp)
+    summary.update(precision=describe(args.amp, device), model=args.model, checkpoint=args.checkpoint, data=args.data,
                    settings={k: getattr(args, k) for k in ("short_side", "size_multiple", "n_last_frames",
                                                            "size_mask_neighborhood", "topk", "temperature")})
     print(f"video object segmentation by label propagation on {root} for {args.model or args.checkpoint}"
-          + ("" if args.checkpoint else " (random init)"))
+          + ("" if args.checkpoint else " (random init)") + f", {summary['precision']}")
     _print(summary)
     _write(args.out, summary)
     return 0

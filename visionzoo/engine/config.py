@@ -18,6 +18,48 @@ from ..errors import ConfigError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _logger = logging.getLogger("visionzoo")
 
+# the one spelling of a precision (``amp`` key, ``--amp`` flag of every command that runs a model):
+# auto = bf16 autocast where the device computes bf16 natively (oneDNN's check on CPUs, Ampere+ GPUs), else fp32
+AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
+# torch.compile modes (torch._inductor.list_mode_options() and "default"), for --torchcompile / --compile
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_AMP_SPELLINGS = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "amp_bfloat16": "bf16", "fp16": "fp16",
+                  "float16": "fp16", "half": "fp16", "fp32": "fp32", "float32": "fp32", "none": "fp32",
+                  "false": "fp32", "off": "fp32", "no": "fp32", "0": "fp32"}
+_AMP_TRUE = ("true", "on", "yes", "1")
+# how a labelled subset is drawn (TrainConfig.label_sampling, `visionzoo semisup --sampling`; engine/semisup.py)
+LABEL_SAMPLINGS = ("balanced", "random")
+
+
+def amp_name(value, true_means: str = "bf16") -> str:
+    """The one spelling (auto | bf16 | fp16 | fp32) of a precision. Older spellings are read too: ``true`` (autocast
+    in ``true_means``), ``false``/``null``, ``bfloat16``, ``float16``, ``float32``."""
+    if value is None or value is False:
+        return "fp32"
+    if value is True or str(value).strip().lower() in _AMP_TRUE:
+        return true_means
+    name = _AMP_SPELLINGS.get(str(value).strip().lower())
+    if name is None:
+        raise ConfigError(f"amp {value!r} is not a precision: use one of {', '.join(AMP_CHOICES)} "
+                          f"(e.g. --amp bf16).")
+    return name
+
+
+def add_amp_flag(parser: argparse.ArgumentParser, dest: str = "amp", default=None, alone: str = "bf16") -> None:
+    """``--amp {auto,bf16,fp16,fp32}`` (``--amp`` alone: ``alone``), the same flag in every command."""
+    def parse(text: str) -> str:
+        try:
+            return amp_name(text, alone)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = "precision"
+    parser.add_argument("--amp", dest=dest, nargs="?", const=alone, default=default, type=parse,
+                        metavar="{" + ",".join(AMP_CHOICES) + "}",
+                        help=f"precision: bf16 / fp16 autocast, fp32, or auto (bf16 where the CPU/GPU computes it "
+                             f"natively, else fp32); --amp alone: {alone} (default: "
+                             f"{default or 'the recipe or config value, else fp32'})")
+
 
 @dataclass
 class RunConfig:
@@ -32,15 +74,18 @@ class RunConfig:
     batch_size: int = 64  # per process
     grad_accum_steps: int = 1
     workers: int = 2
-    # learning rate: absolute, or lr_base * global_batch / lr_base_size when lr is None
+    # learning rate: absolute, or, when lr is None, lr_base x the ratio global_batch / lr_base_size scaled as
+    # lr_base_scale says: linear | sqrt | "" (timm's train.py rule: sqrt for adaptive optimizers, ada* and lamb,
+    # else linear). lr_base None: timm's 0.1 for SGD-type optimizers, 1e-3 for adaptive ones.
     lr: float | None = None
-    lr_base: float = 1e-3
+    lr_base: float | None = 1e-3
     lr_base_size: int = 1024
+    lr_base_scale: str = "linear"
     clip_grad: float | None = None
     clip_mode: str = "norm"  # norm | value | agc | per_tensor
-    # precision and speed
-    amp: bool = False
-    amp_dtype: str = "bfloat16"
+    # precision and speed: amp is auto | bf16 | fp16 | fp32 (AMP_CHOICES; engine/precision.py resolves it)
+    amp: str = "fp32"
+    amp_dtype: str | None = None  # the older spelling (amp: true + amp_dtype: float16), folded into amp
     channels_last: bool = False
     torchcompile: str | None = None
     sync_bn: bool = False  # SyncBatchNorm across processes (DDP on CUDA only)
@@ -54,6 +99,8 @@ class RunConfig:
     eval_every: int = 1  # epochs
     eval_every_steps: int | None = None  # evaluate (and write a metrics row) every N steps instead
     checkpoint_every_steps: int | None = None  # also save the training state every N steps
+    save_every_epochs: int = 0  # weights-only snapshots/epoch_NNNN.safetensors every N epochs and the last; 0: none
+    save_init_snapshot: bool = False  # with save_every_epochs: also epoch_0000, the weights before training
     notes: str = ""
 
     # a task config's older recipe keys: RENAMED_KEYS {old: new} (read with a one-line note), IGNORED_KEYS
@@ -61,21 +108,53 @@ class RunConfig:
     RENAMED_KEYS: ClassVar[dict] = {}
     IGNORED_KEYS: ClassVar[dict] = {}
     KIND: ClassVar[str] = "config"
+    AMP_TRUE: ClassVar[str] = "bf16"  # what the older ``amp: true`` without amp_dtype meant for this config
+    # what a saved config (run folder, export) written before a key existed meant by leaving it out
+    OLDER_DEFAULTS: ClassVar[dict] = {"lr_base_scale": "linear"}
+
+    def __post_init__(self) -> None:
+        # every way a config is made (recipe, flags, --set, a saved config, dataclasses.replace) ends in one spelling
+        old = (self.amp, self.amp_dtype)
+        if self.amp_dtype is not None:
+            on = self.amp is True or amp_name(self.amp, self.AMP_TRUE) != "fp32"
+            self.amp = amp_name(self.amp_dtype) if on else "fp32"
+            self.amp_dtype = None
+        else:
+            self.amp = amp_name(self.amp, self.AMP_TRUE)
+        if old[1] is not None or old[0] is True:
+            _logger.info("amp: %s%s is now spelled amp: %s", old[0], f" + amp_dtype: {old[1]}" if old[1] else "",
+                         self.amp)
 
     def global_batch(self, world_size: int | None = None) -> int:
         return self.batch_size * self.grad_accum_steps * (world_size or 1)
 
+    def _adaptive_opt(self) -> bool:
+        """timm's test for an adaptive optimizer (sqrt lr scaling): 'ada' or 'lamb' in its name."""
+        return any(k in str(getattr(self, "opt", "")).lower() for k in ("ada", "lamb"))
+
+    def base_lr(self) -> float:
+        if self.lr_base is not None:
+            return float(self.lr_base)
+        return 1e-3 if self._adaptive_opt() else 0.1
+
+    def lr_scaling(self) -> str:
+        return self.lr_base_scale or ("sqrt" if self._adaptive_opt() else "linear")
+
     def resolved_lr(self, world_size: int = 1) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return float(self.lr_base) * self.global_batch(world_size) / float(self.lr_base_size)
+        ratio = self.global_batch(world_size) / float(self.lr_base_size)
+        return self.base_lr() * (ratio ** 0.5 if self.lr_scaling() == "sqrt" else ratio)
 
     def lr_rule(self, world_size: int = 1) -> str:
         """The resolved lr with the rule that gave it, for run headers."""
         lr = self.resolved_lr(world_size)
         if self.lr is not None:
             return f"lr {lr:.3g}"
-        return f"lr {lr:.3g} = lr_base {self.lr_base:g} x {self.global_batch(world_size)}/{self.lr_base_size}"
+        ratio = f"{self.global_batch(world_size)}/{self.lr_base_size}"
+        base = f"lr_base {self.base_lr():g}" + (f" ({getattr(self, 'opt', '')}'s default)" if self.lr_base is None
+                                                else "")
+        return f"lr {lr:.3g} = {base} x " + (f"sqrt({ratio})" if self.lr_scaling() == "sqrt" else ratio)
 
     def check(self) -> None:
         """Values no run can use, refused before anything is built."""
@@ -86,13 +165,21 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise RecipeError(f"{name} must be >= 1 (or unset), got {v}.")
+        if int(self.save_every_epochs or 0) < 0:
+            raise RecipeError(f"save_every_epochs must be >= 0 (0: no snapshots), got {self.save_every_epochs}.")
         if self.workers < 0:
             raise RecipeError(f"workers must be >= 0, got {self.workers}.")
+        if self.torchcompile is not None and self.torchcompile not in COMPILE_MODES:
+            raise RecipeError(f"torchcompile={self.torchcompile!r} is not a torch.compile mode: use one of "
+                              f"{', '.join(COMPILE_MODES)} (--torchcompile / --compile alone: default).")
         if self.lr is not None and not float(self.lr) >= 0:
             raise RecipeError(f"lr must be >= 0 (or unset: lr_base x global batch / lr_base_size), got {self.lr}.")
-        if not float(self.lr_base) > 0 or int(self.lr_base_size) < 1:
+        if not self.base_lr() > 0 or int(self.lr_base_size) < 1:
             raise RecipeError(f"lr_base must be > 0 and lr_base_size >= 1, got {self.lr_base} and "
                               f"{self.lr_base_size}.")
+        if self.lr_base_scale not in ("", "linear", "sqrt"):
+            raise RecipeError(f"lr_base_scale must be linear, sqrt or empty (timm's rule: sqrt for adaptive "
+                              f"optimizers, else linear), got {self.lr_base_scale!r}.")
         task = {f.name: f.default for f in dataclasses.fields(self)}.get("task")
         if task is not None and self.task != task:
             raise RecipeError(f"this is a {self.task!r} recipe (task: {self.task}); this command takes "
@@ -137,7 +224,12 @@ class RunConfig:
         """The config saved with a model (an export or checkpoint): keys this version does not know (written by
         another one) are dropped, older names read as the new ones."""
         known = {f.name for f in dataclasses.fields(cls)} | set(cls.RENAMED_KEYS) | set(cls.IGNORED_KEYS)
-        return cls.from_dict({k: v for k, v in data.items() if k in known}, source)
+        return cls.from_dict({k: v for k, v in cls.with_older_defaults(data).items() if k in known}, source)
+
+    @classmethod
+    def with_older_defaults(cls, saved: dict) -> dict:
+        """A saved config with the keys it predates set to what leaving them out meant then."""
+        return {**cls.OLDER_DEFAULTS, **saved}
 
 
 @dataclass
@@ -159,8 +251,12 @@ class TrainConfig(RunConfig):
     img_size: int | None = None  # None: the model's default input size
     eval_img_size: int | None = None  # validation input size (FixRes: train small, test larger); None: img_size
     world_size: int = 1  # processes the recipe was written for (documentation, lr scaling)
-    # optimizer
+    # optimizer; the lr when no recipe or flag sets it follows timm's train.py: lr_base (AdamW: 1e-3, SGD: 0.1)
+    # per 256 images, sqrt-scaled for adaptive optimizers (docs/from_official/README.md, "Defaults")
     opt: str = "adamw"
+    lr_base: float | None = None
+    lr_base_size: int = 256
+    lr_base_scale: str = ""
     opt_kwargs: dict = field(default_factory=dict)
     weight_decay: float = 0.05
     momentum: float = 0.9
@@ -195,9 +291,17 @@ class TrainConfig(RunConfig):
     drop_path: float | None = None
     drop: float | None = None
     aug_repeats: int = 0  # repeated augmentation (DeiT/RSB RepeatAugSampler): each image this many times per epoch
+    # semi-supervised fine-tuning: train on a labelled subset of the train split only (engine/semisup.py draws it)
+    label_percent: float | None = None  # keep the labels of this % of the train split; None: every image
+    label_sampling: str = "balanced"  # balanced: round(p % of each class), at least 1 | random: p % uniformly
+    label_subset_file: str | None = None  # file names of the subset, one a line (SimCLRv2 1percent.txt); wins
 
     def check(self) -> None:
         super().check()
+        if self.label_percent is not None and not 0 < float(self.label_percent) <= 100:
+            raise RecipeError(f"label_percent must be in (0, 100] (or unset: every image), got {self.label_percent}.")
+        if self.label_sampling not in LABEL_SAMPLINGS:
+            raise RecipeError(f"label_sampling {self.label_sampling!r} is not one of {', '.join(LABEL_SAMPLINGS)}.")
         # None (unset) is the one spelling of "from the data": 0 or less is refused, not silently replaced.
         if self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
                                              or self.num_classes < 1):
@@ -311,6 +415,19 @@ def read_recipe(recipe: str) -> dict:
     return data
 
 
+def recipe_for_official_config(config: str, folder: str) -> str:
+    """The shipped recipe under ``recipes/<folder>/`` whose ``official_config`` key names the official config file
+    ``config`` (a path or file name, with or without ``.py``), e.g. from an official checkpoint's ``meta.exp_name``."""
+    stem = Path(str(config)).stem
+    found = [f"{folder}/{p.stem}" for p in sorted((RECIPES_DIR / folder).glob("*.yaml"))
+             if Path(str(read_recipe(str(p)).get("official_config") or "")).stem == stem]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(found)})"
+        raise ConfigError(f"{what} {folder} recipes reproduce the official config {stem}: pass --recipe "
+                          f"(visionzoo list recipes '{folder}/*').")
+    return found[0]
+
+
 def config_from_dict(data: dict, cls=TrainConfig):
     check_config_keys(data, cls)
     return cls(**data)
@@ -361,17 +478,24 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> 
     """One ``--field-name`` flag per config field (timm's train.py names where they mean the same), but those in
     ``skip`` (fields a command defines with its own meaning)."""
     hints = typing.get_type_hints(cls)
-    short = {"batch_size": ["-b"], "experiment": ["--exp"], "workers": ["-j"]}
+    short = {"batch_size": ["-b"], "experiment": ["--exp"], "workers": ["-j"], "torchcompile": ["--compile"]}
     for f in dataclasses.fields(cls):
         if f.name in skip:
+            continue
+        if f.name == "amp":
+            add_amp_flag(parser, dest="cfg_amp", alone=getattr(cls, "AMP_TRUE", "bf16"))
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])
         kw: dict = {"dest": f"cfg_{f.name}", "default": None}
         if "bool" in hint:
             kw.update(nargs="?", const=True, type=_bool, metavar="BOOL")
-        elif "dict" in hint or "list" in hint:
-            kw.update(type=str, metavar="YAML")
+        elif f.name == "torchcompile":  # timm's flag; alone it means torch.compile's default mode
+            kw.update(nargs="?", const="default", type=str, metavar="MODE")
+        elif "dict" in hint:  # timm's KEY=VALUE pairs, or one YAML mapping
+            kw.update(type=str, nargs="+", metavar="KEY=VALUE")
+        elif "list" in hint:  # timm's space-separated values, or one YAML list
+            kw.update(type=str, nargs="+", metavar="VALUE")
         elif "float" in hint:
             kw.update(type=float)
         elif "int" in hint:
@@ -380,7 +504,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> 
             kw.update(type=str)
         kw.setdefault("metavar", f.name.upper())
         default = f.default if f.default is not dataclasses.MISSING else "{}"
-        kw["help"] = f"(default: {default})"
+        kw["help"] = "the older spelling of --amp" if f.name == "amp_dtype" else f"(default: {default})"
+        if f.name == "torchcompile":
+            kw.update(choices=COMPILE_MODES, help="torch.compile the training step (alone: mode default)")
         parser.add_argument(*short.get(f.name, []), flag, **kw)
 
 
@@ -390,7 +516,30 @@ def config_overrides(args, cls) -> dict:
         v = getattr(args, f"cfg_{f.name}", None)
         if v is None:
             continue
-        if isinstance(v, str) and ("dict" in str(f.type) or "list" in str(f.type)):
-            v = parse_yaml(v, f"--{f.name.replace('_', '-')} {v!r}")
+        if "dict" in str(f.type) or "list" in str(f.type):
+            v = _structured_flag(f.name, [v] if isinstance(v, str) else list(v), "dict" in str(f.type))
         out[f.name] = v
     return out
+
+
+def _structured_flag(name: str, tokens: list[str], is_dict: bool):
+    """The value of a dict or list flag: one YAML token (``--scale '[0.5, 1]'``), or timm's forms: values
+    (``--scale 0.5 1``, ``--opt-betas 0.9 0.999``) and KEY=VALUE pairs (``--model-kwargs drop_rate=0.1``)."""
+    flag = f"--{name.replace('_', '-')}"
+    if len(tokens) == 1:
+        value = parse_yaml(tokens[0], f"{flag} {tokens[0]!r}")
+        if isinstance(value, (dict, list)) or value is None:
+            return value
+        if not is_dict:
+            return [value]
+    if is_dict:
+        bad = [t for t in tokens if "=" not in t]
+        if bad:
+            raise ConfigError(f"{flag} takes KEY=VALUE pairs or one YAML mapping, got {bad[0]!r} (a dataset "
+                              f"root goes before the flags, or after --data).")
+        return {k.strip(): _coerce(v) for k, v in (t.split("=", 1) for t in tokens)}
+    values = [_coerce(t) for t in tokens]
+    if len({isinstance(v, (int, float)) and not isinstance(v, bool) for v in values}) > 1:
+        raise ConfigError(f"{flag} {' '.join(tokens)}: mixed numbers and words (a dataset root goes before the "
+                          f"flags, or after --data).")
+    return values

@@ -10,11 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum
+from .precision import autocast_context, describe
 
 _logger = logging.getLogger("visionzoo")
-
-
-from .precision import autocast as autocast_ctx  # noqa: E402  (one autocast for the package)
 
 
 def merge_outputs(output) -> torch.Tensor:
@@ -30,12 +28,12 @@ def evaluate(
     loader,
     device: torch.device,
     num_classes: int,
-    amp: bool = False,
-    amp_dtype: str = "bfloat16",
+    amp="fp32",
     channels_last: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Loss, top-1 and top-5 (%) and per-class counts, summed over DDP ranks when distributed."""
+    """Loss, top-1 and top-5 (%) and per-class counts, summed over DDP ranks when distributed; ``amp`` is a
+    precision name (auto, bf16, fp16, fp32)."""
     was_training = model.training
     model.eval()
     k5 = min(5, num_classes)
@@ -54,7 +52,7 @@ def evaluate(
         target = target.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_ctx(device, amp, amp_dtype):
+        with autocast_context(device, amp):
             logits = merge_outputs(model(images))
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
@@ -93,6 +91,21 @@ def per_class_report(result: dict, classes: list[str] | None = None, worst: int 
     return "\n".join(lines)
 
 
+def load_model_or_run(model_or_path: str, checkpoint: str | None = None, use_ema: bool = False,
+                      **kwargs) -> tuple[nn.Module, str]:
+    """(model, its name) for what a user names on a command line: a model name (+ ``checkpoint``, any weights the
+    checkpoint resolver takes), a save_pretrained folder, or a run folder (its ``ema/`` with ``use_ema``, else
+    ``last/``). ``kwargs`` go to the model constructor."""
+    from ..models import create_model, load_pretrained
+
+    path = Path(model_or_path)
+    if path.is_dir():
+        folder = path / ("ema" if use_ema and (path / "ema").is_dir() else "last") if (path / "last").is_dir() else path
+        model = load_pretrained(folder, **kwargs)
+        return model, model.pretrained_cfg.get("architecture", str(path))
+    return create_model(model_or_path, checkpoint_path=checkpoint, **kwargs), model_or_path
+
+
 def validate(
     model_or_path: str,
     data: str = "digits",
@@ -103,7 +116,7 @@ def validate(
     workers: int = 2,
     img_size: int | None = None,
     crop_pct: float | None = None,
-    amp: bool = False,
+    amp="fp32",
     use_ema: bool = False,
     device: str | None = None,
     results_file: str | None = None,
@@ -111,24 +124,12 @@ def validate(
     """Evaluate a model name (+ ``checkpoint``), a weights file, an HF-layout folder or a run directory."""
     from ..data.datasets import build_dataset
     from ..data.transforms import build_eval_transform
-    from ..models import create_model, load_pretrained
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = Path(model_or_path)
-    dataset_probe = None
-    if path.is_dir():
-        folder = path / ("ema" if use_ema and (path / "ema").is_dir() else "last") if (path / "last").is_dir() else path
-        model = load_pretrained(folder)
-        name = model.pretrained_cfg.get("architecture", str(path))
-    else:
-        if data != "digits" or data_dir:
-            dataset_probe = build_dataset(data, data_dir, split, transform=None)
-        name = model_or_path
-        kwargs = {}
-        if dataset_probe is not None or data == "digits":
-            n_cls = len((dataset_probe or build_dataset(data, data_dir, split, transform=None)).classes)
-            kwargs["num_classes"] = n_cls
-        model = create_model(model_or_path, checkpoint_path=checkpoint, **kwargs)
+    kwargs = {}
+    if not Path(model_or_path).is_dir():  # a model name: its classifier is sized for the dataset
+        kwargs["num_classes"] = len(build_dataset(data, data_dir, split, transform=None).classes)
+    model, name = load_model_or_run(model_or_path, checkpoint=checkpoint, use_ema=use_ema, **kwargs)
     model.to(dev).eval()
     transform = build_eval_transform(model=model, img_size=img_size, crop_pct=crop_pct)
     dataset = build_dataset(data, data_dir, split, transform=transform)
@@ -140,6 +141,7 @@ def validate(
         "model": name, "top1": round(result["top1"], 3), "top1_err": round(100 - result["top1"], 3),
         "top5": round(result["top5"], 3), "loss": round(result["loss"], 5), "count": result["count"],
         "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 4), "skipped_images": skipped,
+        "precision": describe(amp, dev), "device": str(dev),
     }
     print(json.dumps(summary, indent=1))
     print(per_class_report(result, getattr(dataset, "classes", None)))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .precision import autocast_context
 
 TOKENS = ("auto", "cls", "cls+", "both", "pooled")
 
@@ -80,15 +81,17 @@ def model_features(model, x: torch.Tensor, token: str = "auto", n_last_blocks: i
 
 @torch.no_grad()
 def extract(model, loader: Iterable, device: torch.device | str = "cpu", token: str = "auto", n_last_blocks: int = 1,
-            avgpool_patchtokens: bool = False, autocast=None, to_cpu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 (N, D), labels int64 (N,)) of every batch of ``loader``, the model in eval mode."""
+            avgpool_patchtokens: bool = False, autocast=None, to_cpu: bool = True,
+            amp="fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 (N, D), labels int64 (N,)) of every batch of ``loader``, the model in eval mode, in the
+    precision ``amp`` (auto, bf16, fp16, fp32), or under ``autocast`` (a context manager: a training run's own)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     feats, labels = [], []
     try:
         for x, y in loader:
-            with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+            with autocast if autocast is not None else autocast_context(device, amp):
                 f = model_features(model, x.to(device, non_blocking=True), token, n_last_blocks,
                                    avgpool_patchtokens)
             f = f.float()

@@ -12,6 +12,10 @@ rand-m9-mstd0.5-inc1, color jitter 0.4, random erasing 0.25, classifier init sca
 folder written by ``save_pretrained`` (``best/``, ``last/`` of a training run), or a ``visionzoo pretrain`` run
 folder (its ``teacher_backbone.safetensors``). A checkpoint without a classifier keeps the new one.
 
+Semi-supervised fine-tuning is the same command on a labelled subset of the train split: ``--label-percent P``
+(class-balanced by default, drawn with the seed) or ``--label-subset-file 1percent.txt`` (SimCLRv2's split files);
+the official 1 % / 10 % values are the recipes ``udi/semisup_finetune_vit_small_1pct`` / ``_10pct``.
+
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ def build_config(args):
     overrides = config_overrides(args, TrainConfig)
     if args.data is not None:
         overrides.setdefault("data_dir", args.data)
+        overrides.setdefault("dataset", "auto")
+    elif "data_dir" in overrides:  # timm's --data-dir ROOT alone: read ROOT, not the default digits
         overrides.setdefault("dataset", "auto")
     overrides = apply_overrides(overrides, args.set or [])
     if args.recipe:

@@ -104,15 +104,17 @@ def write_results(out: str | None, name: str, rows: list[dict], summary: dict) -
 def knn_eval(model, args, device) -> dict:
     """{"token": ..., "results": {k: {"top1", "top5"}}, "num_train", "num_val", "feature_dim"}."""
     from .features import extract, knn_classify, resolve_token
+    from .precision import describe
 
     token = resolve_token(model, args.token)
     data = eval_datasets(args, model)
-    (ftr, ytr), (fva, yva) = (extract(model, loader(data[s], args), device, token)
+    amp = getattr(args, "amp", "fp32")
+    (ftr, ytr), (fva, yva) = (extract(model, loader(data[s], args), device, token, amp=amp)
                               for s in (args.train_split, args.val_split))
     num_classes = len(getattr(data[args.train_split], "classes", [])) or None
     results = knn_classify(ftr.to(device), ytr, fva, yva, args.nb_knn, args.temperature, num_classes)
     return {"token": token, "results": results, "num_train": len(ytr), "num_val": len(yva),
-            "feature_dim": int(ftr.shape[1])}
+            "feature_dim": int(ftr.shape[1]), "precision": describe(amp, device)}
 
 
 def run(args) -> int:
@@ -126,7 +128,7 @@ def run(args) -> int:
     res = knn_eval(model, args, device)
     name = args.model or model.pretrained_cfg.get("architecture", "model")
     print(f"k-NN on {args.data} ({res['num_train']} train / {res['num_val']} val, token {res['token']}, "
-          f"{res['feature_dim']}-d, T={args.temperature}) for {name}"
+          f"{res['feature_dim']}-d, T={args.temperature}, {res['precision']}) for {name}"
           + (f" from {args.checkpoint}" if args.checkpoint else " (random init)"))
     rows = []
     for k, r in res["results"].items():

@@ -34,7 +34,7 @@ def config_from_args(args):
         avgpool_patchtokens=args.avgpool_patchtokens, batchnorm=args.batchnorm, augment=args.augment,
         hflip=args.hflip, momentum=args.momentum, weight_decay=args.weight_decay, epochs=args.epochs,
         batch_size=args.batch_size, lr_base=args.lr, workers=args.workers, eval_every=args.eval_every,
-        seed=args.seed, **run)
+        seed=args.seed, amp=getattr(args, "amp", "fp32"), **run)
 
 
 def run(args) -> int:

@@ -71,7 +71,7 @@ def run_dir_for(cfg, info: DistInfo) -> Path:
 def config_for_resume(saved: dict, cfg):
     """The saved recipe, with the run-control fields of ``cfg``."""
     known = {f.name for f in dataclasses.fields(cfg)}
-    new = type(cfg)(**{k: v for k, v in saved.items() if k in known})
+    new = type(cfg)(**{k: v for k, v in type(cfg).with_older_defaults(saved).items() if k in known})
     return dataclasses.replace(new, **{k: getattr(cfg, k) for k in RUN_CONTROL if hasattr(cfg, k)})
 
 
@@ -124,7 +124,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
     lr = cfg.resolved_lr(info.world_size)
     optimizer = task.build_optimizer(model, lr)
     schedule = task.build_schedule(optimizer, ctx, lr)
-    precision = Precision(dev, cfg.amp, cfg.amp_dtype)
+    precision = Precision(dev, cfg.amp)
     ctx.autocast = precision.autocast
     trainable = task.trainable(model)
     ema = None
@@ -146,6 +146,8 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
             raise UserError(f"{run.path} stopped in the middle of an epoch with {state.get('world_size', 1)} "
                             f"process(es); resume it with as many (the data order of an epoch depends on it).")
         _logger.info("resumed %s at epoch %d, step %d", run.path, prog.epoch, prog.global_step)
+        if info.is_main:
+            run.drop_snapshots_after(prog.epoch)  # the resumed run writes them again
     if info.is_main:
         save_config(cfg, run.path / "config.yaml", extra={
             "task": task.name, "lr": lr, "global_batch": cfg.global_batch(info.world_size),
@@ -162,8 +164,8 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                   find_unused_parameters=getattr(cfg, "find_unused_parameters",
                                                                                  False))
-    if cfg.torchcompile:
-        net = torch.compile(net, mode=None if cfg.torchcompile == "default" else cfg.torchcompile)
+    if cfg.torchcompile:  # the mode is checked with the config (RunConfig.check)
+        net = task.compile(net, cfg.torchcompile)  # the task says what its step compiles
 
     seeded = SeededDataset(train_set, cfg.seed)
     metrics = MetricsWriter(run.path, enabled=info.is_main)
@@ -178,7 +180,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
             raise NonFiniteLossError(
                 f"Loss became NaN/inf ({n} times) before {where}, epoch {prog.epoch}, step {prog.global_step}. "
                 f"Training stopped; the last good state is kept in {run.path}. Lower the lr, set clip_grad, or "
-                f"use amp_dtype=bfloat16.")
+                f"use --amp bf16.")
 
     def export(folder: str, extra: dict | None = None, module: nn.Module | None = None) -> None:
         if info.is_main:
@@ -199,7 +201,11 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
         if ema is not None:
             export("ema", module=ema.module)
 
+    evaluated_at = -1  # the step of the last evaluation
+
     def evaluate(row: dict, summary: dict, track_best: bool = True) -> None:
+        nonlocal evaluated_at
+        evaluated_at = prog.global_step
         res = task.evaluate(model, ctx)
         if ema is not None:
             res.update({f"ema_{k}": v for k, v in task.evaluate(ema.module, ctx).items()})
@@ -209,6 +215,16 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
         if value is not None and (prog.best is None or value > prog.best):
             prog.best = float(value)
             export("best", {task.best_metric: value})
+
+    def evaluate_at_stop() -> None:
+        """A run stopped by max_steps ends measured (summary, best/) like a finished one; metrics.csv keeps only the
+        rows of the full run, so that resuming it ends with the same file."""
+        if evaluated_at != prog.global_step:
+            evaluate({}, summary)
+
+    def snapshot() -> None:
+        if info.is_main:
+            run.save_snapshot(task.export_model(model).state_dict(), epoch=prog.epoch, step=prog.global_step)
 
     def end_period(row: dict) -> None:
         check_finite("writing metrics")
@@ -231,6 +247,8 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
         evaluate(row, summary, track_best=False)  # the untrained model is a baseline, never best/
         summary.update({f"{k}_init": v for k, v in row.items() if k not in ("epoch", "step")})
         metrics.write(row, step=0)
+    if state is None and cfg.save_every_epochs and cfg.save_init_snapshot:
+        snapshot()  # epoch 0: the weights the run starts from
     loader_generator = torch.Generator()  # creating loader iterators must not draw from the global RNG
     try:
         while prog.epoch < epochs and not stop:
@@ -312,6 +330,7 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
                 bar.close()
             check_finite("the end of the epoch")
             if stop and prog.step_in_epoch < steps_per_epoch:
+                evaluate_at_stop()
                 save_state()  # stopped mid-epoch: the state resumes exactly here
                 break
             elapsed = time.time() - t_epoch
@@ -324,6 +343,10 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
                 if (epoch + 1) % cfg.eval_every == 0 or prog.epoch == epochs:
                     evaluate(row, summary)
                 end_period(row)
+            if stop:
+                evaluate_at_stop()
+            if cfg.save_every_epochs and (prog.epoch % cfg.save_every_epochs == 0 or prog.epoch == epochs):
+                snapshot()  # before the state: a run killed in between redoes the epoch and its snapshot
             save_state()
     finally:
         metrics.close()

@@ -60,7 +60,7 @@ def _profile(task: Task, steps: int, dev: torch.device, tmp: Path) -> dict:
     lr = cfg.resolved_lr()
     optimizer = task.build_optimizer(model, lr)
     schedule = task.build_schedule(optimizer, ctx, lr)
-    precision = Precision(dev, cfg.amp, cfg.amp_dtype)
+    precision = Precision(dev, cfg.amp)
     ctx.autocast = precision.autocast
     net = task.trainable(model)
     net.train()
@@ -85,12 +85,13 @@ def _profile(task: Task, steps: int, dev: torch.device, tmp: Path) -> dict:
     step_s = time.perf_counter() - t0
     n = steps * cfg.batch_size
     return {"loader_img_s": n / loader_s, "step_img_s": n / step_s, "batch_size": cfg.batch_size,
-            "workers": cfg.workers, "device": str(dev), "steps": steps}
+            "workers": cfg.workers, "device": str(dev), "steps": steps, "precision": precision.describe()}
 
 
 def report(r: dict, what: str = "") -> str:
     """One line for the command line."""
     verdict = "the loader keeps up" if r["loader_img_s"] >= r["step_img_s"] else "the loader is the bottleneck"
-    return (f"{what + ': ' if what else ''}batch {r['batch_size']} on {r['device']}: loader {r['loader_img_s']:.1f} "
+    return (f"{what + ': ' if what else ''}batch {r['batch_size']} on {r['device']} ({r.get('precision', 'fp32')}): "
+            f"loader {r['loader_img_s']:.1f} "
             f"img/s ({r['workers']} workers), train step {r['step_img_s']:.1f} img/s over {r['steps']} batches -> "
             f"{verdict}")

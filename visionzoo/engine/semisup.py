@@ -20,7 +20,9 @@ SimCLR describes its class-balanced ImageNet splits (about 12.8 / 128 images per
 are deterministic from ``--seed``. ``--subset-file`` takes a list of file names instead (one per line, e.g.
 SimCLRv2's ``1percent.txt`` / ``10percent.txt``: ``n01440764_10026.JPEG``), matched by base name against the train
 split (ImageFolder file names, LMDB record names, or for the embedded digits the ``<index>.png`` names of
-``write_digits_folder``).
+``write_digits_folder``). The fine-tuning variant of the protocol (``visionzoo finetune --label-percent`` /
+``--label-subset-file``: the classify task on the one loop) draws its labelled subset with the same rule
+(:func:`labelled_subset`).
 
 """
 from __future__ import annotations
@@ -32,10 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputNotFoundError, UserError
+from .config import LABEL_SAMPLINGS as SAMPLINGS
 from .knn import check_data, eval_datasets, load_model, loader, resolve_device, write_results
-
-SAMPLINGS = ("balanced", "random")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # subset
@@ -92,6 +92,33 @@ def subset_from_file(path: str, dataset):
         raise UserError(f"{len(missing)} of {len(wanted)} names in {path} are not in the train split "
                         f"(e.g. {', '.join(missing[:3])}); is it the subset file of this data set?")
     return torch.tensor(sorted({index[w] for w in wanted}), dtype=torch.long)
+
+
+def labelled_subset(dataset, percent: float | None, sampling: str = "balanced", seed: int = 0,
+                    subset_file: str | None = None):
+    """``(subset, description)``: the labelled part of a train split, by ``subset_file`` (wins) or ``percent``.
+
+    The one subset rule of the semi-supervised protocols: the logistic regression below and the fine-tuning
+    (the classify task with ``label_percent`` / ``label_subset_file``) draw the same images for the same seed.
+    """
+    if subset_file:
+        idx, how = subset_from_file(subset_file, dataset), f"subset file {subset_file}"
+    else:
+        idx, how = subset_indices(dataset.targets, percent, sampling, seed), f"{percent:g}% {sampling} (seed {seed})"
+    return LabelledSubset(dataset, idx.tolist()), how
+
+
+class LabelledSubset(torch.utils.data.Subset):
+    """A Subset that keeps what the tasks read from a dataset: classes, targets and the skipped-image count."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, indices)
+        self.classes = getattr(dataset, "classes", None)
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+    @property
+    def num_skipped(self) -> int:
+        return int(getattr(self.dataset, "num_skipped", 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,6 +185,7 @@ def evaluate_lambdas(train_feats, train_labels, val_feats, val_labels, lambdas, 
 
 def semisup_eval(model, args, device) -> dict:
     from .features import extract, resolve_token
+    from .precision import describe
 
     token = resolve_token(model, args.token)
     n_blocks = args.n_last_blocks
@@ -165,14 +193,10 @@ def semisup_eval(model, args, device) -> dict:
         n_blocks = min(n_blocks, len(model.blocks))
     data = eval_datasets(args, model)
     train_set, val_set = data[args.train_split], data[args.val_split]
-    if args.subset_file:
-        idx = subset_from_file(args.subset_file, train_set)
-        how = f"subset file {args.subset_file}"
-    else:
-        idx = subset_indices(train_set.targets, args.percent, args.sampling, args.seed)
-        how = f"{args.percent:g}% {args.sampling} (seed {args.seed})"
-    feat_kw = dict(token=token, n_last_blocks=n_blocks)
-    ftr, ytr = extract(model, loader(torch.utils.data.Subset(train_set, idx.tolist()), args), device, **feat_kw)
+    subset, how = labelled_subset(train_set, args.percent, args.sampling, args.seed, args.subset_file)
+    amp = getattr(args, "amp", "fp32")
+    feat_kw = dict(token=token, n_last_blocks=n_blocks, amp=amp)
+    ftr, ytr = extract(model, loader(subset, args), device, **feat_kw)
     fva, yva = extract(model, loader(val_set, args), device, **feat_kw)
     num_classes = len(getattr(train_set, "classes", None) or []) or None
     rows = evaluate_lambdas(ftr.to(device), ytr, fva, yva, args.lambdas, num_classes, args.max_iter, args.tol,
@@ -180,7 +204,8 @@ def semisup_eval(model, args, device) -> dict:
     best = max(rows, key=lambda r: r["top1"])
     return {"token": token, "n_last_blocks": n_blocks, "subset": how, "num_train": len(ytr),
             "num_train_split": len(train_set), "num_val": len(yva), "feature_dim": int(ftr.shape[1]),
-            "classes_in_subset": int(torch.unique(ytr).numel()), "results": rows, "best": best}
+            "classes_in_subset": int(torch.unique(ytr).numel()), "results": rows, "best": best,
+            "precision": describe(amp, device)}
 
 
 def run(args) -> int:
@@ -199,7 +224,7 @@ def run(args) -> int:
           + (f" from {args.checkpoint}" if args.checkpoint else " (random init)")
           + f": {res['subset']}, {res['num_train']} of {res['num_train_split']} train images "
             f"({res['classes_in_subset']} classes), {res['num_val']} val, token {res['token']}, "
-            f"{res['feature_dim']}-d")
+            f"{res['feature_dim']}-d, {res['precision']}")
     for r in res["results"]:
         print(f"  lambda {r['lambda']:<6g} (C={r['C']:g})  top-1 {r['top1']:6.2f}%  top-5 {r['top5']:6.2f}%  "
               f"[{r['iterations']} L-BFGS iterations, grad {r['grad_max']:.1e}]")

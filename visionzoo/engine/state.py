@@ -1,5 +1,6 @@
-"""The run folder, the same for every task: a lock while a run is alive, no reuse without ``--resume``, and one
-training state file (``train_state.pt``) written atomically and read with ``weights_only=True``.
+"""The run folder, the same for every task: a lock while a run is alive, no reuse without ``--resume``, one
+training state file (``train_state.pt``) written atomically and read with ``weights_only=True``, and the optional
+weights-only snapshots (``snapshots/epoch_NNNN.safetensors``) that show a model over its training.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import UnsafeCheckpointError, atomic_torch_save, safe_torch_load
+from ..files import UnsafeCheckpointError, atomic_save_safetensors, atomic_torch_save, safe_torch_load
 
 _logger = logging.getLogger("visionzoo")
 
 STATE_FILE = "train_state.pt"
 LOCK_FILE = ".lock"
+SNAPSHOT_DIR = "snapshots"
 STATE_FORMAT = 2  # 1: the per-task files of visionzoo <= 0.1 (train_state.pt of `train`, last.pth, iter_N.pth, ...)
 
 
@@ -112,6 +114,32 @@ class RunFolder:
 
     def load_state(self) -> dict:
         return load_train_state(self.path)
+
+    def save_snapshot(self, state_dict: dict, epoch: int, step: int) -> Path:
+        """The weights after ``epoch`` epochs as ``snapshots/epoch_NNNN.safetensors`` (atomic; metadata: epoch and
+        step)."""
+        folder = self.path / SNAPSHOT_DIR
+        folder.mkdir(exist_ok=True)
+        return atomic_save_safetensors(state_dict, folder / f"epoch_{epoch:04d}.safetensors",
+                                       {"epoch": epoch, "step": step})
+
+    def drop_snapshots_after(self, epoch: int) -> None:
+        """On resume: snapshots of epochs after the saved state are redone by the resumed run, so none is left that
+        the state does not lead to (a run killed between a snapshot and its training state)."""
+        for e, path in list_snapshots(self.path):
+            if e > epoch:
+                path.unlink(missing_ok=True)
+
+
+def list_snapshots(run: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(epoch, file) of the snapshots of a run folder, by epoch; empty when it has none."""
+    folder = Path(run) / SNAPSHOT_DIR
+    found = []
+    for path in folder.glob("epoch_*.safetensors") if folder.is_dir() else ():
+        digits = path.stem[len("epoch_"):]
+        if digits.isdigit():
+            found.append((int(digits), path))
+    return sorted(found)
 
 
 def resume_folder(path: str | os.PathLike, old_files: str, old_hint: str, cfg=None, recipe_keys: tuple = ()) -> Path:

@@ -96,6 +96,13 @@ class Task:
         """The part of the model that trains (DDP, EMA and clipping cover it; a teacher stays outside)."""
         return model
 
+    def compile(self, net: nn.Module, mode: str) -> nn.Module:
+        """``--torchcompile MODE``: compile what ``train_step`` runs and return the ``net`` it gets. Default: the
+        (DDP-wrapped) trainable module as one compiled callable. A task whose step does more than call ``net`` (UDI's
+        teacher and loss) or whose model cannot be one graph (torchvision detectors' post-processing) compiles its
+        own parts, in place (``nn.Module.compile``: the state-dict keys stay the same)."""
+        return torch.compile(net, mode=None if mode == "default" else mode)
+
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         from .optim import create_optimizer
 
@@ -145,15 +152,11 @@ def save_task_model(model: nn.Module, folder: Path, task: str, config: dict, met
     (``{"task": ..., "config": {...}}``, the recipe that rebuilds it): the ``last/`` / ``best/`` layout of every task."""
     import json
 
-    from safetensors.torch import save_file
-
-    from ..files import atomic_write, atomic_write_text
+    from ..files import atomic_save_safetensors, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_save_safetensors(model.state_dict(), folder / "model.safetensors", metadata)
     atomic_write_text(folder / "config.json", json.dumps({"task": task, "config": config}, indent=1, default=str))
     return folder
 

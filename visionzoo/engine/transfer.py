@@ -356,14 +356,14 @@ def _check_datasets(specs) -> None:
             check_data_dir(spec, split)
 
 
-def _extract(model, dataset, batch_size, workers, device):
+def _extract(model, dataset, batch_size, workers, device, amp="fp32"):
     """Pooled pre-logits features as numpy arrays (``engine.features.extract`` with ``token='pooled'``)."""
     import numpy as np
 
     from .features import extract
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    feats, labels = extract(model, loader, device, token="pooled")
+    feats, labels = extract(model, loader, device, token="pooled", amp=amp)
     return feats.numpy(), labels.numpy().astype(np.int64)
 
 
@@ -406,9 +406,12 @@ def run(args) -> int:
 
     from ..data.datasets import build_dataset
     from ..data.transforms import build_eval_transform
+    from .precision import describe
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     os.makedirs(args.out, exist_ok=True)
+    amp = getattr(args, "amp", "fp32")
+    print(f"transfer: {len(args.model)} model(s) x {len(names)} dataset(s) on {device}, {describe(amp, device)}")
     rows, angle_rows = [], []
     for model_name, ckpt, tag in zip(args.model, checkpoints, _model_tags(list(args.model))):
         model, classifier = load_frozen_model(model_name, ckpt, model_kwargs)
@@ -429,7 +432,7 @@ def run(args) -> int:
         for spec, name in zip(args.datasets, names):
             kind = "digits" if spec == "digits" else "auto"
             data = {s: build_dataset(kind, spec, s, transform, img_size=img_size) for s in ("train", "val")}
-            (xt, yt), (xv, yv) = (_extract(model, data[s], args.batch_size, args.workers, device)
+            (xt, yt), (xv, yv) = (_extract(model, data[s], args.batch_size, args.workers, device, amp)
                                   for s in ("train", "val"))
             if args.features == "l2":
                 xt = xt / np.maximum(np.linalg.norm(xt, axis=1, keepdims=True), 1e-12)

@@ -22,6 +22,12 @@ _logger = logging.getLogger(__name__)
 # Our family modules (timm records a model's module as the last component of its builder's module).
 FAMILY_MODULES: tuple[str, ...] = ()
 
+# Names visionzoo builds that are not in timm's registry (timm's tools and tests treat every registered name as an
+# image classifier): models that are not image models (the point-cloud ``coc_pointmlp``) and older names kept
+# loadable as a base model plus fixed arguments (``coc_small_feat2`` = ``coc_small(fork_feat=True, ...)``).
+_OWN_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_ALIASES: set[str] = set()  # the older names among them: loadable, not listed
+
 
 class UnknownModelError(UserError):
     pass
@@ -94,25 +100,65 @@ def _close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
     return close
 
 
+def register_own_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: a visionzoo model builder kept out of timm's image-model registry (``visionzoo.create_model`` and
+    ``list_models`` know it; ``timm.create_model`` does not). The builder sets ``pretrained_cfg['architecture']``."""
+    _OWN_MODELS[fn.__name__] = fn
+    return fn
+
+
+def register_alias(name: str, target: str, cfg: dict | None = None, **fixed: Any) -> None:
+    """Keep an older model name loadable as ``target`` built with ``fixed`` arguments (the caller's arguments win).
+
+    The model's ``pretrained_cfg`` names ``name`` as its architecture (updated by ``cfg``), so folders saved from it
+    rebuild it through :func:`load_pretrained`.
+    """
+    def build(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        model = timm.create_model(target, pretrained=pretrained, **{**fixed, **kwargs})
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **(cfg or {}), "architecture": name}
+        return model
+
+    build.__name__ = name
+    build.__module__ = timm.models.model_entrypoint(target).__module__  # the family of its target
+    _OWN_MODELS[name] = build
+    _ALIASES.add(name)
+
+
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The builder of a visionzoo or timm model name (its ``__module__`` names the family)."""
+    base = name.split(".")[0]
+    return _OWN_MODELS[base] if base in _OWN_MODELS else timm.models.model_entrypoint(base)
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` (with or without a pretrained tag) is a model of visionzoo or timm."""
+    base = name.split(".")[0]
+    return base in _OWN_MODELS or timm.is_model(base)
+
+
 def check_model_name(name: str) -> None:
     """Raise a clear error naming close matches when ``name`` is not a registered model."""
     if name.startswith(("local-dir:", "hf-hub:", "hf_hub:")):
         return
-    if timm.is_model(name.split(".")[0]):
+    if is_model(name):
         return
-    close = _close_matches(name, timm.list_models())
+    close = _close_matches(name, timm.list_models() + sorted(_OWN_MODELS))
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(f"Unknown model '{name}'.{hint} `visionzoo list models` shows every name.")
 
 
 def list_models(pattern: str = "*", include_timm: bool = False, pretrained: bool = False) -> list[str]:
-    """Our registered models (or every timm model with ``include_timm``), timm ``fnmatch`` patterns."""
+    """Our models (or every timm model too with ``include_timm``), timm ``fnmatch`` patterns. Older names kept
+    loadable (``register_alias``) are not listed."""
+    import fnmatch
+
+    own = [] if pretrained else [n for n in _OWN_MODELS if n not in _ALIASES and fnmatch.fnmatch(n, pattern)]
     if include_timm:
-        return timm.list_models(pattern, pretrained=pretrained)
+        return sorted(set(timm.list_models(pattern, pretrained=pretrained)) | set(own))
     names: list[str] = []
     for module in FAMILY_MODULES:
         names += timm.list_models(pattern, module=module, pretrained=pretrained)
-    return sorted(set(names))
+    return sorted(set(names) | set(own))
 
 
 def create_model(
@@ -134,6 +180,8 @@ def create_model(
                                      f"folder.")
     if model_name.startswith(("hf-hub:", "hf_hub:")) or (pretrained and not kwargs.get("pretrained_cfg_overlay")):
         model = _create_from_hub(model_name, pretrained, **kwargs)  # the user asked for a download
+    elif model_name.split(".")[0] in _OWN_MODELS:
+        model = _OWN_MODELS[model_name.split(".")[0]](pretrained=pretrained, **kwargs)
     else:
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     if checkpoint_path is not None:
@@ -173,7 +221,8 @@ def _create_from_hub(model_name: str, pretrained: bool, **kwargs: Any) -> nn.Mod
     """``pretrained=True`` / ``hf-hub:``: the one case where visionzoo downloads (the user asked). Our own models
     have nothing to download; offline, the HF cache is used and a miss fails at once, naming the local ways."""
     base = model_name.split(".")[0]
-    if pretrained and not model_name.startswith(("hf-hub:", "hf_hub:")) and base in list_models():
+    if pretrained and not model_name.startswith(("hf-hub:", "hf_hub:")) and (base in list_models() or
+                                                                            base in _OWN_MODELS):
         raise UserError(f"{model_name} has no weights to download (visionzoo models are built from the official "
                         f"checkpoints you have): {LOCAL_WEIGHTS_HINT.replace('NAME', repr(model_name))}.")
     if hub_reachable():
@@ -350,16 +399,13 @@ def save_pretrained(
     ``data_config`` (input_size, crop_pct, mean, std, interpolation) records the preprocessing the weights were
     trained with, so ``validate`` and ``timm.data.resolve_data_config`` use it later.
     """
-    from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
-    from ..files import atomic_write
+    from ..files import atomic_save_safetensors, atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
-    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_save_safetensors(unwrap_model(model).state_dict(), directory / "model.safetensors", metadata)
     atomic_write(directory / "config.json", lambda tmp: save_config_for_hf(
         unwrap_model(model), tmp, model_args=model_args, data_config=data_config))
     return directory
@@ -377,6 +423,18 @@ def load_pretrained(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
                 from ..files import safe_torch_load
 
                 safe_torch_load(directory / name)
+    from timm.models._hub import load_model_config_from_path
+
+    saved_cfg, architecture, model_args = load_model_config_from_path(directory)
+    if architecture.split(".")[0] in _OWN_MODELS:  # not in timm's registry: what timm's local-dir: loader does
+        kwargs = {**(model_args or {}), **kwargs}
+        if saved_cfg.get("num_classes") is not None:
+            kwargs.setdefault("num_classes", saved_cfg["num_classes"])
+        model = create_model(architecture, checkpoint_path=resolve_checkpoint(directory), **kwargs)
+        data = {k: saved_cfg[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+                if k in saved_cfg}
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **data}
+        return model
     return timm.create_model(f"local-dir:{directory}", pretrained=True, **kwargs)
 
 

@@ -10,10 +10,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..errors import UserError
-from ._registry import accepts_factory_kwargs, factory_context, factory_kwargs_of
+from ._registry import accepts_factory_kwargs, factory_context, factory_kwargs_of, register_own_model
 from .context_cluster import _unwrap
 
 __all__ = ["PointContextCluster", "PointMLPCoC", "farthest_point_sample", "knn_point", "checkpoint_filter_fn"]
@@ -224,14 +223,18 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     return _unwrap(state_dict)
 
 
-default_cfgs = generate_default_cfgs({
-    "coc_pointmlp": dict(url="", num_classes=15, first_conv="embedding.net.0",  # input: [B, 3, 1024] points
-                         classifier="classifier.8", license="apache-2.0"),
-})
+# Kept out of timm's registry (visionzoo.create_model and list_models know it): timm's tools and model tests take
+# every registered name for an image model ([B, C, H, W]) and this one takes [B, 3, N] point clouds.
+_CFG = dict(architecture="coc_pointmlp", url="", num_classes=15, input_size=(3, 1024),  # [B, 3, 1024] points
+            first_conv="embedding.net.0", classifier="classifier.8", license="apache-2.0")
 
 
-@register_model
+@register_own_model
 def coc_pointmlp(pretrained=False, **kwargs) -> PointMLPCoC:
     """PointMLP-CoC for ScanObjectNN (15 classes, 1024 points ``[B, 3, 1024]``); not an image model."""
-    return build_model_with_cfg(PointMLPCoC, "coc_pointmlp", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+    if pretrained:
+        raise UserError("coc_pointmlp has no weights to download: pass checkpoint_path= (a run folder, a "
+                        "save_pretrained folder or an official checkpoint) to visionzoo.create_model")
+    model = PointMLPCoC(**kwargs)
+    model.pretrained_cfg = model.default_cfg = dict(_CFG, num_classes=model.num_classes)
+    return model

@@ -38,7 +38,7 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ._registry import accepts_factory_kwargs, factory_kwargs_of, is_tracing, unwrap_state_dict
+from ._registry import accepts_factory_kwargs, factory_kwargs_of, is_tracing, register_alias, unwrap_state_dict
 
 __all__ = [
     "ContextCluster", "Cluster", "ClusterBlock", "PointReducer", "GroupNorm1", "checkpoint_filter_fn",
@@ -738,8 +738,6 @@ default_cfgs = generate_default_cfgs({
     "coc_medium": _cfg(**_M32),
     "coc_base_dim64": _cfg(**_M32),
     "coc_base_dim96": _cfg(**_M32),
-    **{f"coc_{size}_feat{p}": _cfg(num_classes=0, **_M32)
-       for size in ("small", "medium") for p in (2, 5, 7)},
     "coc_test": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
 })
 
@@ -801,39 +799,14 @@ def coc_base_dim96(pretrained=False, **kwargs) -> ContextCluster:
     return _create("coc_base_dim96", pretrained, args, kwargs)
 
 
-def _dense(variant: str, base: dict, proposals: int, pretrained: bool, kwargs: dict) -> ContextCluster:
-    """Official mmdet/mmseg backbones ``context_cluster_{small,medium}_feat{2,5,7}`` (fork_feat, p x p centers)."""
-    return _create(variant, pretrained, dict(base, proposals=proposals, folds=_FOLDS, fork_feat=True), kwargs)
-
-
-@register_model
-def coc_small_feat2(pretrained=False, **kwargs) -> ContextCluster:
-    return _dense("coc_small_feat2", _SMALL, 2, pretrained, kwargs)
-
-
-@register_model
-def coc_small_feat5(pretrained=False, **kwargs) -> ContextCluster:
-    return _dense("coc_small_feat5", _SMALL, 5, pretrained, kwargs)
-
-
-@register_model
-def coc_small_feat7(pretrained=False, **kwargs) -> ContextCluster:
-    return _dense("coc_small_feat7", _SMALL, 7, pretrained, kwargs)
-
-
-@register_model
-def coc_medium_feat2(pretrained=False, **kwargs) -> ContextCluster:
-    return _dense("coc_medium_feat2", _MEDIUM, 2, pretrained, kwargs)
-
-
-@register_model
-def coc_medium_feat5(pretrained=False, **kwargs) -> ContextCluster:
-    return _dense("coc_medium_feat5", _MEDIUM, 5, pretrained, kwargs)
-
-
-@register_model
-def coc_medium_feat7(pretrained=False, **kwargs) -> ContextCluster:
-    return _dense("coc_medium_feat7", _MEDIUM, 7, pretrained, kwargs)
+# The official mmdet/mmseg backbones context_cluster_{small,medium}_feat{2,5,7} are coc_small / coc_medium with
+# fork_feat=True and p x p centers: a features_only form of the base models, not separate timm names (their stage
+# norms only feed the dense maps, so timm's classifier forward would leave them without a gradient). The names stay
+# loadable through visionzoo.create_model / build_backbone, and in recipes and saved folders.
+for _size in ("small", "medium"):
+    for _p in (2, 5, 7):
+        register_alias(f"coc_{_size}_feat{_p}", f"coc_{_size}", cfg=dict(num_classes=0), proposals=_p, fork_feat=True,
+                       num_classes=0)
 
 
 @register_model

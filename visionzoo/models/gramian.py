@@ -276,7 +276,9 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, M, G = x.shape[0], x.shape[1], self.groups
-        if M < self.in_features // G:  # few rows (class tokens): see _FewRowsMatmul
+        # few rows (class tokens): see _FewRowsMatmul. An export takes the general path: M is the batch size there,
+        # and a branch on it would fix the exported batch (both paths compute the same product)
+        if not torch.compiler.is_exporting() and M < self.in_features // G:
             xg = x if G == 1 else x.reshape(n, M, G, -1).transpose(1, 2).reshape(n * G, M, -1)
             y = _FewRowsMatmul.apply(self.weight.reshape(n * G, self.out_features // G, -1), xg)
             if self.bias is not None:

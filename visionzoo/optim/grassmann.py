@@ -170,7 +170,10 @@ class GrassmannOptimizer(Optimizer):
                 group["lr"] = lr0
             for p in group["params"]:
                 if p.grad is not None:
-                    self._subspace_step(p, group)
+                    # fp32 even when stepped inside an autocast region: autocast would run the projections and
+                    # the geodesic's matmuls in bf16/fp16, and the bases would drift off the manifold
+                    with torch.autocast(p.device.type, enabled=False):
+                        self._subspace_step(p, group)
         if self.base is not None:
             self.base.step()
         return loss

@@ -116,6 +116,13 @@ class ClassifyTask(Task):
                             f"({_data_name(cfg)}); leave it out to take {n_data} from the data, or pass "
                             f"--num-classes {n_data} or more.")
         self.num_classes = n_data if cfg.num_classes is None else cfg.num_classes  # None: from the data
+        self.labelled = None  # semi-supervised fine-tuning: (indices, description) of the labelled train subset
+        if cfg.label_percent is not None or cfg.label_subset_file:
+            from ..engine.semisup import labelled_subset
+
+            subset, how = labelled_subset(probe, cfg.label_percent, cfg.label_sampling, cfg.seed,
+                                          cfg.label_subset_file)
+            self.labelled = (subset.indices, how)
 
     def build_model(self, ctx: Context) -> nn.Module:
         from timm.data import resolve_data_config
@@ -140,6 +147,10 @@ class ClassifyTask(Task):
         self.train_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, transform=train_tf)
         self.val_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, transform=eval_tf)
         check_same_classes({cfg.train_split: self.train_set, cfg.val_split: self.val_set})
+        if self.labelled is not None:
+            from ..engine.semisup import LabelledSubset
+
+            self.train_set = LabelledSubset(self.train_set, self.labelled[0])
         self.data_config = {"input_size": (3, eval_size, eval_size), "crop_pct": crop_pct, "mean": data_cfg["mean"],
                             "std": data_cfg["std"], "interpolation": data_cfg["interpolation"]}
         self.mixup = build_mixup(cfg, self.num_classes)
@@ -170,7 +181,7 @@ class ClassifyTask(Task):
             val = Subset(val, list(range(ctx.rank, len(val), ctx.world_size)))
         loader = DataLoader(val, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
                             pin_memory=ctx.device.type == "cuda")
-        res = evaluate(model, loader, ctx.device, self.num_classes, cfg.amp, cfg.amp_dtype, cfg.channels_last)
+        res = evaluate(model, loader, ctx.device, self.num_classes, amp=cfg.amp, channels_last=cfg.channels_last)
         return {"val_loss": res["loss"], "val_top1": res["top1"], "val_top5": res["top5"],
                 "per_class": per_class_report(res, getattr(self.val_set, "classes", None))}
 
@@ -179,8 +190,14 @@ class ClassifyTask(Task):
 
         save_pretrained(model, folder, data_config=self.data_config, metadata=metadata)
 
+    def summary(self) -> dict:
+        if getattr(self, "labelled", None) is None:
+            return {}
+        return {"labelled_subset": self.labelled[1], "labelled_images": len(self.labelled[0])}
+
     def header(self) -> str:
-        return (f"{self.cfg.model}, {len(self.train_set)} train / {len(self.val_set)} val images, "
+        labelled = "" if getattr(self, "labelled", None) is None else f" (labelled subset: {self.labelled[1]})"
+        return (f"{self.cfg.model}, {len(self.train_set)} train{labelled} / {len(self.val_set)} val images, "
                 f"{self.num_classes} classes")
 
 

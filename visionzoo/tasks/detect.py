@@ -19,7 +19,6 @@ from ..dense.detection import DetectionConfig
 from ..engine.config import split_run_path
 from ..engine.distributed import barrier, broadcast_object
 from ..engine.loop import fit
-from ..engine.precision import eval_dtype
 from ..engine.sampling import seed_model_init
 from ..engine.schedule import FactorSchedule, mmcv_factor
 from ..engine.state import resume_folder
@@ -80,6 +79,13 @@ class DetectTask(Task):
 
         return FactorSchedule(lr, factor)
 
+    def compile(self, net: nn.Module, mode: str) -> nn.Module:
+        # a torchvision detector is no single graph (per-image resizing, proposal sampling, NMS, RoIAlign on
+        # data-dependent box counts): the backbone + FPN compile, in place; the heads and post-processing stay eager
+        inner = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+        inner.backbone.compile(mode=None if mode == "default" else mode)
+        return net
+
     def train_step(self, net: nn.Module, batch, ctx: Context) -> dict:
         images, targets = batch
         losses = net(list(images), list(targets))
@@ -88,9 +94,8 @@ class DetectTask(Task):
 
     def evaluate(self, model: nn.Module, ctx: Context) -> dict:
         cfg = self.cfg
-        dtype = eval_dtype(cfg.amp, cfg.amp_dtype, ctx.device)
         return det.evaluate(model, self.val_set, ctx.device, cfg.batch_size, ctx.rank, ctx.world_size,
-                            amp=dtype is not None, amp_dtype=dtype, workers=cfg.workers)
+                            amp=cfg.amp, workers=cfg.workers)
 
     def export(self, model: nn.Module, folder, metadata: dict) -> None:
         # the config that rebuilds the detector; data_dir names the data it trained on (for eval), classes the names
@@ -155,7 +160,7 @@ def _num_classes(state: dict) -> int | None:
     b = state.get("head.classification_head.cls_logits.bias")
     if torch.is_tensor(w) and torch.is_tensor(b):
         anchors = state["head.regression_head.bbox_reg.weight"].shape[0] // 4
-        return int(b.shape[0]) // anchors - 1
+        return int(b.shape[0]) // anchors  # mmdet's K sigmoid logits (no background column)
     return None
 
 
@@ -190,6 +195,12 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, DetectionConfig, list 
                     f"train_state.pt, or an older run's last.pth)") from None
     if state is None:
         obj = safe_torch_load(path)
+        from ..dense.detection import official
+
+        if official.is_official_checkpoint(obj):  # an mmdet .pth: the recipe of its config, the weights converted
+            model, cfg, classes = official.load_official_checkpoint(obj, info["source"])
+            model.classes = classes
+            return model.to(device).eval(), cfg, classes, info
         if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)):
             raise UserError(f"{path} is not a detection checkpoint (no model + config): pass the run folder.")
         config, state = dict(obj["config"]), obj["model"]

@@ -83,10 +83,12 @@ class LinearProbeTask(Task):
         n_blocks = min(n_blocks, len(backbone.blocks)) if hasattr(backbone, "blocks") else n_blocks
         feat_kw = dict(token=token, n_last_blocks=n_blocks, avgpool_patchtokens=cfg.avgpool_patchtokens)
         data = eval_datasets(cfg, backbone)
-        self.val_feats, self.val_labels = extract(backbone, loader(data[cfg.val_split], cfg), ctx.device, **feat_kw)
+        self.val_feats, self.val_labels = extract(backbone, loader(data[cfg.val_split], cfg), ctx.device,
+                                                  amp=cfg.amp, **feat_kw)
         top_label = int(self.val_labels.max())
         if cfg.augment == "none":
-            feats, labels = extract(backbone, loader(data[cfg.train_split], cfg), ctx.device, **feat_kw)
+            feats, labels = extract(backbone, loader(data[cfg.train_split], cfg), ctx.device, amp=cfg.amp,
+                                    **feat_kw)
             self.train_set = torch.utils.data.TensorDataset(feats, labels)
             top_label = max(top_label, int(labels.max()))
             classes = getattr(data[cfg.train_split], "classes", None)

@@ -117,7 +117,7 @@ class PointCloudTask(Task):
 
     def evaluate(self, model: nn.Module, ctx: Context) -> dict:
         m = evaluate_split(model, self.test_split, ctx.device, ctx.rank, ctx.world_size,
-                           autocast=ctx.autocast if self.cfg.amp else None)
+                           autocast=ctx.autocast)
         return {"test_oa": m["oa"], "test_macc": m["macc"]}
 
     def export(self, model: nn.Module, folder, metadata: dict) -> None:
@@ -216,6 +216,7 @@ def load_checkpoint_model(path: str | Path, cfg: PointCloudConfig) -> tuple[nn.M
 def evaluate_checkpoint(path: str | Path, cfg: PointCloudConfig, device: str | None = None) -> dict:
     """Test OA / mAcc of the weights in ``path`` on ``cfg``'s dataset (its number of points from the checkpoint)."""
     from ..engine.distributed import resolve_device
+    from ..engine.precision import autocast_context, describe
 
     model, cfg = load_checkpoint_model(path, cfg)
     dev = resolve_device(device)
@@ -223,5 +224,6 @@ def evaluate_checkpoint(path: str | Path, cfg: PointCloudConfig, device: str | N
     if len(test.classes) != cfg.num_classes:
         raise UserError(f"{path} classifies {cfg.num_classes} classes but {cfg.dataset} has {len(test.classes)}: "
                         f"evaluate it on the dataset it was trained on (--data).")
-    m = evaluate_split(model.to(dev), test, dev)
-    return {"test_oa": m["oa"], "test_macc": m["macc"], "test_size": len(test), "num_classes": cfg.num_classes}
+    m = evaluate_split(model.to(dev), test, dev, autocast=lambda: autocast_context(dev, cfg.amp))
+    return {"test_oa": m["oa"], "test_macc": m["macc"], "test_size": len(test), "num_classes": cfg.num_classes,
+            "precision": describe(cfg.amp, dev)}

@@ -17,7 +17,6 @@ from ..dense.segmentation import SegmentationConfig
 from ..engine.config import split_run_path
 from ..engine.distributed import barrier, broadcast_object
 from ..engine.loop import fit
-from ..engine.precision import eval_dtype
 from ..engine.sampling import seed_model_init
 from ..engine.schedule import FactorSchedule, mmcv_factor
 from ..engine.state import resume_folder
@@ -70,7 +69,7 @@ class SegmentTask(Task):
     def evaluate(self, model: nn.Module, ctx: Context) -> dict:
         cfg = self.cfg
         m = seg.evaluate(model, self.val_pairs, cfg, ctx.device, names=self.names, rank=ctx.rank,
-                         world_size=ctx.world_size, amp_dtype=eval_dtype(cfg.amp, cfg.amp_dtype, ctx.device),
+                         world_size=ctx.world_size, amp=cfg.amp,
                          workers=cfg.workers)
         return {"mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"], "per_class": m["per_class"]}
 
@@ -115,10 +114,11 @@ def train(cfg: SegmentationConfig, out=None, resume=None, device: str | None = N
 # ----------------------------------------------------------------------------------------------------------------
 # reading a trained segmentor (eval, visualize)
 
-def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, dict]:
+def load_segmentor(path, device="cpu", recipe: str | None = None) -> tuple[nn.Module, SegmentationConfig, dict]:
     """(model in eval mode, its config, info) from ``path``: a run folder (best/, else last/), an exported folder
-    (config.json with task 'segment' + model.safetensors), a train_state.pt, or an older iter_N.pth / run folder of
-    iter_N.pth. ``info``: ``step`` and ``data_root``. Torch files are read with weights_only=True."""
+    (config.json with task 'segment' + model.safetensors), a train_state.pt, an older iter_N.pth / run folder of
+    iter_N.pth, or an official mmseg checkpoint (built from ``recipe``, by default the recipe of the official config
+    it names). ``info``: ``step`` and ``data_root``. Torch files are read with weights_only=True."""
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"checkpoint not found: {path} (give a run folder, its best/ or last/, or an "
@@ -143,6 +143,13 @@ def load_segmentor(path, device="cpu") -> tuple[nn.Module, SegmentationConfig, d
         info["step"] = int(meta.get("step", 0))
     if state is None:
         obj = safe_torch_load(path)
+        from ..dense.segmentation import official
+
+        if official.is_official_checkpoint(obj):
+            model, cfg, info["official_recipe"] = official.load_official_checkpoint(obj, recipe, info["source"])
+            info["step"] = int((obj.get("meta") or {}).get("iter") or 0)
+            info["data_root"] = cfg.data_dir
+            return model.to(device).eval(), cfg, info
         if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)):
             raise UserError(f"{path} is not a segmentation checkpoint (no model + config): pass the run folder.")
         config, state = obj["config"], obj["model"]

@@ -38,6 +38,7 @@ class UDITask(Task):
         cfg = self.cfg
         cfg.workers = min(cfg.workers, os.cpu_count() or 1)  # more loader processes than cores only thrash
         self.udi: UDI | None = None
+        self.step: nn.Module | None = None  # the compiled method step (--torchcompile)
 
     def build_model(self, ctx: Context) -> nn.Module:
         cfg = self.cfg
@@ -65,9 +66,16 @@ class UDITask(Task):
     def build_schedule(self, optimizer, ctx: Context, lr: float):
         return ArraySchedule(build_schedules(self.cfg, ctx.steps_per_epoch, ctx.world_size, lr=lr))
 
+    def compile(self, net: nn.Module, mode: str) -> nn.Module:
+        # the whole method step is one compiled callable: the teacher on the global crops, the (DDP) student on
+        # every crop and the loss with its centre update; ``net`` itself stays as it is (no second compile)
+        self.step = torch.compile(self.udi, mode=None if mode == "default" else mode)
+        return net
+
     def train_step(self, net: nn.Module, batch, ctx: Context) -> dict:
         crops, src_maps, tgt_maps = batch
-        loss, parts = self.udi(crops, (src_maps, tgt_maps), ctx.epoch, student=net)
+        step = self.step if self.step is not None else self.udi
+        loss, parts = step(crops, (src_maps, tgt_maps), ctx.epoch, student=net)
         return {"loss": loss, **{k: torch.as_tensor(v, device=loss.device) for k, v in parts.items()}}
 
     def before_optimizer_step(self, model: nn.Module, ctx: Context) -> None:
@@ -76,12 +84,7 @@ class UDITask(Task):
                 p.grad = None
 
     def after_update(self, model: nn.Module, ctx: Context) -> None:
-        model.update_teacher(ctx.values["momentum"])
-        every = self.cfg.save_every_epochs
-        if every and ctx.is_main and ctx.run_dir is not None and ctx.steps_per_epoch and \
-                ctx.step % ctx.steps_per_epoch == 0 and (ctx.step // ctx.steps_per_epoch) % every == 0:
-            epoch = ctx.step // ctx.steps_per_epoch
-            self.export(model, Path(ctx.run_dir) / f"teacher_ep{epoch:04d}", {"step": ctx.step, "epoch": epoch})
+        model.update_teacher(ctx.values["momentum"])  # snapshots (save_every_epochs): the loop's, of export_model
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ctx: Context) -> dict:

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.precision import autocast_context, describe
 from ..errors import UserError
-from .groups import load_image, prepare_image, save_panels
+from .common import load_image, load_model, upsample_map
+from .groups import prepare_image, save_panels
 
 __all__ = ["cls_attention", "mass_threshold", "render_attention", "run"]
 
@@ -74,7 +76,7 @@ def render_attention(image: np.ndarray, maps: torch.Tensor, out, title: str = ""
     maps = maps.float().cpu().numpy()
     heads, h, w = maps.shape
     H, W = image.shape[:2]
-    up = lambda m: np.kron(m, np.ones((H // h, W // w)))  # patches -> pixels
+    up = lambda m: upsample_map(m, H, W)  # patches -> pixels
     cols = min(heads + 1, 4)
     rows = -(-(heads + 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * H / W + 0.4), squeeze=False)
@@ -95,23 +97,24 @@ def render_attention(image: np.ndarray, maps: torch.Tensor, out, title: str = ""
 
 
 def run(args: argparse.Namespace) -> int:
-    import visionzoo
-
-    model = visionzoo.create_model(args.model, checkpoint_path=args.checkpoint).eval()
-    if args.checkpoint is None:
-        warnings.warn(f"no --checkpoint: showing the attention of a randomly initialised {args.model}", stacklevel=1)
+    model = load_model(args.model, args.checkpoint)
     cfg = model.pretrained_cfg
+    name = args.model or cfg.get("architecture")
+    if args.checkpoint is None:
+        warnings.warn(f"no --checkpoint: showing the attention of a randomly initialised {name}", stacklevel=1)
     size = args.img_size or cfg["input_size"][-1]
     x, shown = prepare_image(load_image(args.image), size, cfg["mean"], cfg["std"])
     # centre square crop: timm ViTs take their fixed input size unless built with dynamic_img_size
     H, W = x.shape[-2:]
     top, left = (H - size) // 2, (W - size) // 2
     x, shown = x[..., top:top + size, left:left + size], shown[top:top + size, left:left + size]
-    maps = cls_attention(model, x, getattr(args, "token", "cls"))[0]
+    amp = getattr(args, "amp", None) or "fp32"
+    with autocast_context("cpu", amp):
+        maps = cls_attention(model, x, getattr(args, "token", "cls"))[0].float()
     threshold = getattr(args, "threshold", None)
     masks = mass_threshold(maps, threshold) if threshold else None
-    title = f"{args.model}, last block, [{getattr(args, 'token', 'cls').upper()}] attention" + (
+    title = f"{name}, last block, [{getattr(args, 'token', 'cls').upper()}] attention" + (
         "" if args.checkpoint else " (random weights)")
     out = render_attention(shown, maps, args.out or "attention.png", title=title, masks=masks)
-    print(f"wrote {out}")
+    print(f"wrote {out} ({describe(amp, 'cpu')})")
     return 0

@@ -1,13 +1,15 @@
-"""Cluster maps of Context Cluster models: which points each center gathered, drawn over the image.
+"""Cluster maps of Context Cluster models: which points each center gathered, drawn over the image, for one set of
+weights or, as an animation, across the snapshots of a run (the CoC README's "from scratch to the last epoch").
 
-Python API: :func:`cluster_assignment` (hard assignment tensor of one block and head) and
-:func:`render_cluster_map` (PNG with one colour per cluster and visible region borders). CLI:
-``visionzoo visualize clusters --model M [--checkpoint W] --image IMG --stage S --block B --head H --out PNG``
-(:func:`add_arguments` / :func:`run`).
+Python API: :func:`cluster_assignment` (hard assignment tensor of one block and head), :func:`render_cluster_map`
+(PNG with one colour per cluster and visible region borders) and :func:`animate_clusters` (GIF/MP4 over a run's
+``snapshots/``). CLI: ``visionzoo visualize clusters [--model M] [--checkpoint W|RUN] --image IMG --stage S --block B
+--head H [--animate] --out FILE`` (:func:`add_arguments` / :func:`run`).
 
 Fixes over the official ``cluster_visualize.py``: any batch size and non-square folds (cluster ids come from the
 block itself), as many colours as clusters, RGB order kept, and the image is never stretched: it is resized on its
-short side and center-cropped to a size the model's folds accept, and the map is drawn over exactly those pixels.
+short side and center-cropped to a size the model's folds accept, and the map is drawn over exactly those pixels
+(small inputs zoomed whole-pixel, so that a 32 px digit is readable).
 """
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..data.image_io import decode_image
-from ..errors import InputNotFoundError, UserError
+from ..engine.precision import autocast_context, describe
+from ..errors import MissingDependencyError, UserError
+from .common import display_zoom, load_image, load_model, upsample_map, zoom
 
-__all__ = ["cluster_assignment", "render_cluster_map", "cluster_colors", "prepare_image", "add_arguments", "run",
-           "draw"]
+__all__ = ["cluster_assignment", "render_cluster_map", "cluster_overlay", "cluster_colors", "prepare_image",
+           "animate_clusters", "load_image", "add_arguments", "run", "draw"]
 
 
 def _coc_model(model):
@@ -116,16 +118,16 @@ def _to_uint8_rgb(image) -> np.ndarray:
     return arr
 
 
-def render_cluster_map(image, assignment: torch.Tensor, path: Union[str, Path], alpha: float = 0.5,
-                       border_color=(255, 255, 255), seed: int = 0) -> Path:
-    """Write ``image`` with the clusters of ``assignment`` ([h, w] or [1, h, w] ids) drawn over it as a PNG.
+def cluster_overlay(image, assignment: torch.Tensor, alpha: float = 0.5, border_color=(255, 255, 255),
+                    seed: int = 0, num_ids: Optional[int] = None) -> np.ndarray:
+    """``image`` with the clusters of ``assignment`` ([h, w] or [1, h, w] ids) drawn over it: uint8 (H', W', 3).
 
     Each cluster gets its own colour blended with opacity ``alpha``; pixels where the cluster changes get
-    ``border_color``. The map is upsampled (nearest) to the image, which must have the aspect ratio of the model
-    input (e.g. the crop :func:`prepare_image` returns), so nothing is stretched. Returns the path written.
+    ``border_color``. Images smaller than ``MIN_DISPLAY_SIDE`` are zoomed whole-pixel first. The map is spread
+    (nearest) over the image, which must have the aspect ratio of the model input (e.g. the crop
+    :func:`prepare_image` returns), so nothing is stretched. With ``num_ids`` (all ids a block can give) a colour
+    belongs to a cluster id, so frames of one animation keep their colours; otherwise to the clusters present.
     """
-    from PIL import Image
-
     rgb = _to_uint8_rgb(image)
     a = torch.as_tensor(assignment)
     if a.ndim == 3:
@@ -137,36 +139,33 @@ def render_cluster_map(image, assignment: torch.Tensor, path: Union[str, Path], 
     if abs(H / W - h / w) > 0.02 * (h / w) + 1.0 / min(h, w):
         raise UserError(f"image {W}x{H} and cluster map {w}x{h} have different aspect ratios: pass the image the "
                         "model saw (see prepare_image), so that the map is not stretched")
-    _, dense = torch.unique(a, return_inverse=True)  # 0..n-1 over the clusters present
-    n = int(dense.max()) + 1
-    up = F.interpolate(dense[None, None].float(), size=(H, W), mode="nearest")[0, 0].long().numpy()
+    if num_ids is None:
+        _, ids = torch.unique(a, return_inverse=True)  # 0..n-1 over the clusters present
+        n = int(ids.max()) + 1
+    else:
+        ids, n = a, int(num_ids)
+    rgb = zoom(rgb, display_zoom(H, W))
+    H, W = rgb.shape[:2]
+    up = upsample_map(ids.long(), H, W)
     colors = cluster_colors(n, seed)
     out = (1 - alpha) * rgb.astype(np.float32) + alpha * colors[up].astype(np.float32)
     edge = np.zeros((H, W), dtype=bool)
     edge[:, 1:] |= up[:, 1:] != up[:, :-1]
     edge[1:, :] |= up[1:, :] != up[:-1, :]
     out[edge] = border_color
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def render_cluster_map(image, assignment: torch.Tensor, path: Union[str, Path], alpha: float = 0.5,
+                       border_color=(255, 255, 255), seed: int = 0) -> Path:
+    """Write :func:`cluster_overlay` of ``image`` and ``assignment`` as a PNG; returns the path written."""
+    from PIL import Image
+
+    out = cluster_overlay(image, assignment, alpha, border_color, seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB").save(path)
+    Image.fromarray(out, mode="RGB").save(path)
     return path
-
-
-def load_image(spec: str):
-    """A PIL RGB image from a path, or scikit-learn's first sample image for ``'sample'``."""
-    from PIL import Image, UnidentifiedImageError
-
-    if spec == "sample":
-        from sklearn.datasets import load_sample_images  # ships with scikit-learn, no download
-
-        return Image.fromarray(load_sample_images().images[0]).convert("RGB")
-    path = Path(spec)
-    if not path.exists():
-        raise InputNotFoundError(f"image not found: {path} (or pass --image sample for scikit-learn's sample image)")
-    try:
-        return decode_image(path)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path}: {e}. Pass a JPEG/PNG file.") from None
 
 
 def prepare_image(image, model, short_side: int = 224):
@@ -195,20 +194,107 @@ def prepare_image(image, model, short_side: int = 224):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# over training: one frame per snapshot of a run (`--save-every-epochs N`, engine/state.py)
+
+def _caption(frame: np.ndarray, text: str) -> np.ndarray:
+    """``frame`` with a dark band below it holding ``text`` (the frame itself is left uncovered)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    H, W = frame.shape[:2]
+    size = max(11, W // 18)
+    band = size + size // 2
+    canvas = Image.new("RGB", (W, H + band), (24, 24, 24))
+    canvas.paste(Image.fromarray(frame, mode="RGB"), (0, 0))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    ImageDraw.Draw(canvas).text((size // 3, H + size // 4), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def _write_animation(frames: list, path: Path, seconds_per_frame: float) -> Path:
+    """GIF through Pillow; MP4 through imageio-ffmpeg when it is installed."""
+    from PIL import Image
+
+    from ..files import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            raise MissingDependencyError(f"writing {path.name} needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+                                         f"or write a GIF: --out {path.with_suffix('.gif')}") from None
+        H, W = frames[0].shape[:2]
+        even = [np.pad(f, ((0, H % 2), (0, W % 2), (0, 0)), mode="edge") for f in frames]  # yuv420p: even sides
+
+        def write_mp4(tmp: str) -> None:
+            writer = imageio_ffmpeg.write_frames(tmp, (W + W % 2, H + H % 2), fps=1.0 / seconds_per_frame,
+                                                 macro_block_size=1, output_params=["-f", "mp4"])
+            writer.send(None)
+            for f in even:
+                writer.send(np.ascontiguousarray(f))
+            writer.close()
+
+        return atomic_write(path, write_mp4)
+    images = [Image.fromarray(f, mode="RGB") for f in frames]
+    return atomic_write(path, lambda tmp: images[0].save(
+        tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(seconds_per_frame * 1000), loop=0))
+
+
+def animate_clusters(model, run, image, out, stage: int = 0, block: int = 0, head: int = 0, short_side=None,
+                     alpha: float = 0.5, seconds_per_frame: float = 0.5, device="cpu",
+                     amp="fp32") -> tuple[Path, list[int]]:
+    """The cluster map of ``stage``/``block``/``head`` on ``image`` (PIL) after every snapshot of the run folder
+    ``run`` (``snapshots/epoch_NNNN.safetensors``), one frame each with its epoch, written to ``out`` (.gif, or .mp4
+    with imageio-ffmpeg). ``model`` is the run's architecture (its weights are replaced frame by frame). Returns
+    (the path, the epochs drawn)."""
+    from visionzoo.models import load_weights
+
+    from ..engine.state import list_snapshots
+
+    snaps = list_snapshots(run)
+    if not snaps:
+        raise UserError(f"{run} holds no snapshots/epoch_NNNN.safetensors to animate: train it with "
+                        f"--save-every-epochs N (and --save-init-snapshot for the weights before training).")
+    model = _coc_model(model).to(device).eval()
+    crop, x = prepare_image(image, model, short_side or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    maps = []
+    for _, path in snaps:
+        load_weights(model, path)
+        with autocast_context(device, amp):
+            maps.append(cluster_assignment(model, x.to(device), stage, block, head)[0].cpu())
+    num_ids = max(int(a.max()) for a in maps) + 1  # ids are fixed per block: a cluster keeps its colour
+    last = snaps[-1][0]
+    frames = [_caption(cluster_overlay(crop, a, alpha=alpha, num_ids=num_ids),
+                       f"epoch {epoch}/{last}  s{stage} b{block} h{head}") for (epoch, _), a in zip(snaps, maps)]
+    return _write_animation(frames, Path(out), seconds_per_frame), [e for e, _ in snaps]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI: `visionzoo visualize clusters ...`
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="a Context Cluster model name, e.g. coc_tiny_plain")
+    parser.add_argument("--model", default=None,
+                        help="a Context Cluster model name, e.g. coc_tiny_plain (not needed when --checkpoint is a "
+                             "run folder or save_pretrained folder)")
     parser.add_argument("--checkpoint", default=None,
-                        help="weights (ours, or an official .pth.tar, converted on load); random weights if omitted")
+                        help="weights (ours, or an official .pth.tar, converted on load), a save_pretrained folder or "
+                             "a run folder; random weights if omitted")
     parser.add_argument("--image", required=True, help="image file, or 'sample' (scikit-learn's sample image)")
     parser.add_argument("--stage", type=int, default=0, help="stage 0-3 (default 0)")
     parser.add_argument("--block", type=int, default=0, help="block index inside the stage, negative allowed")
     parser.add_argument("--head", type=int, default=0, help="head index (default 0)")
-    parser.add_argument("--out", default=None, help="output PNG (default: <image>_<model>_s<S>b<B>h<H>.png)")
-    parser.add_argument("--size", type=int, default=224, help="short side the image is resized to (default 224)")
+    parser.add_argument("--out", default=None, help="output PNG, or with --animate .gif/.mp4 "
+                                                    "(default: <image>_<model>_s<S>b<B>h<H>.png/.gif)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="short side the image is resized to (default: the model's input size, from the "
+                             "checkpoint when it records one)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
-    parser.add_argument("--use-ema", action="store_true", help="load state_dict_ema from a training checkpoint")
+    parser.add_argument("--animate", action="store_true",
+                        help="one frame per snapshot of the run folder --checkpoint (--save-every-epochs N)")
+    parser.add_argument("--use-ema", action="store_true", help="the EMA weights (a run folder's ema/)")
     parser.add_argument("--device", default="cpu")
     return parser
 
@@ -220,29 +306,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 def draw(args: argparse.Namespace) -> Path:
-    """Load the model (and weights), compute the assignment of the chosen block/head and write the PNG."""
-    import visionzoo
-    from visionzoo.models import load_weights
-
-    model = visionzoo.create_model(args.model)
-    if args.checkpoint:
-        load_weights(model, args.checkpoint, use_ema=getattr(args, "use_ema", False))
-    else:
-        print(f"note: no --checkpoint given, {args.model} has random weights", file=sys.stderr)
+    """Load the model (and weights), compute the assignment of the chosen block/head and write the PNG, or with
+    ``--animate`` the GIF/MP4 over the run's snapshots."""
     # `visionzoo visualize clusters` shares its parser with the other viz tools (--img-size, no --alpha/--device)
     device = getattr(args, "device", None) or "cpu"
-    size = getattr(args, "size", None) or getattr(args, "img_size", None) or 224
+    size = getattr(args, "size", None) or getattr(args, "img_size", None)
     alpha = getattr(args, "alpha", None)
     alpha = 0.5 if alpha is None else alpha
-    model = _coc_model(model).to(device).eval()
+    animate = getattr(args, "animate", False)
+    amp = getattr(args, "amp", None) or "fp32"
+    if animate and not args.checkpoint:
+        raise UserError("--animate draws the snapshots of a run: pass its run folder as --checkpoint RUN (trained "
+                        "with --save-every-epochs N).")
+    model = _coc_model(load_model(args.model, args.checkpoint, getattr(args, "use_ema", False))).to(device)
+    if not args.checkpoint:
+        print(f"note: no --checkpoint given, {args.model} has random weights", file=sys.stderr)
+    name = args.model or model.pretrained_cfg.get("architecture", "coc")
     image = load_image(args.image)
+    stem = f"{Path(args.image).stem}_{name}_s{args.stage}b{args.block}h{args.head}"
+    if animate:
+        out = args.out or f"{stem}.gif"
+        path, epochs = animate_clusters(model, args.checkpoint, image, out, args.stage, args.block, args.head,
+                                        size, alpha, device=device, amp=amp)
+        print(f"wrote {path}: {len(epochs)} frames, epochs {', '.join(map(str, epochs))} ({describe(amp, device)})")
+        return path
+    size = size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     crop, x = prepare_image(image, model, size)
-    assignment = cluster_assignment(model, x.to(device), args.stage, args.block, args.head)[0].cpu()
-    out = args.out or f"{Path(args.image).stem}_{args.model}_s{args.stage}b{args.block}h{args.head}.png"
-    path = render_cluster_map(crop, assignment, out, alpha=alpha)
+    with autocast_context(device, amp):
+        assignment = cluster_assignment(model, x.to(device), args.stage, args.block, args.head)[0].cpu()
+    path = render_cluster_map(crop, assignment, args.out or f"{stem}.png", alpha=alpha)
     n = int(torch.unique(assignment).numel())
+    zoomed = display_zoom(crop.size[1], crop.size[0])
     print(f"wrote {path}: {n} clusters on a {assignment.shape[1]}x{assignment.shape[0]} (WxH) map, "
-          f"model input {x.shape[3]}x{x.shape[2]}, drawn at {crop.size[0]}x{crop.size[1]}")
+          f"model input {x.shape[3]}x{x.shape[2]}, drawn at {crop.size[0] * zoomed}x{crop.size[1] * zoomed} "
+          f"({describe(amp, device)})")
     return path
 
 

@@ -24,8 +24,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..data.image_io import decode_image
-from ..errors import InputNotFoundError, UserError
+from ..engine.precision import autocast_context, describe
+from ..errors import UserError
+from .common import load_image, load_model, upsample_map
 
 __all__ = ["group_attention", "group_assignment", "load_image", "prepare_image", "render_group_map",
            "add_arguments", "run", "write_group_map"]
@@ -57,23 +58,6 @@ def group_assignment(attn: torch.Tensor, head: Optional[int] = None) -> torch.Te
     (heads averaged unless ``head`` picks one)."""
     a = attn.mean(dim=-4) if head is None else attn.select(-4, head)
     return a.argmax(dim=-3)
-
-
-def load_image(spec: Union[str, Path]):
-    """A PIL RGB image from a path, or ``'sample'``: scikit-learn's first sample image (china.jpg, 427x640)."""
-    from PIL import Image
-
-    if str(spec) == "sample":
-        from sklearn.datasets import load_sample_images
-
-        return Image.fromarray(load_sample_images().images[0]).convert("RGB")
-    path = Path(spec)
-    if not path.exists():
-        raise InputNotFoundError(f"Image not found: {path}. Pass an image file or 'sample'.")
-    try:
-        return decode_image(path)
-    except Exception as e:
-        raise UserError(f"Could not read {path} as an image ({type(e).__name__}: {e}).") from None
 
 
 def prepare_image(img, short_side: int, mean: Sequence[float], std: Sequence[float]):
@@ -131,7 +115,7 @@ def render_group_map(
     H, W = image.shape[:2]
     img = image.astype(np.float32) / 255
     cols = _palette(M)
-    up = lambda m: np.kron(m, np.ones((H // h, W // w)))  # stride-8 cells -> pixels
+    up = lambda m: upsample_map(m, H, W)  # stride-8 cells -> pixels
     lab_rgb = cols[up(labels).astype(int)]
     overlay = 0.45 * img + 0.55 * lab_rgb
 
@@ -196,24 +180,25 @@ def write_group_map(args: argparse.Namespace) -> Path:
     """Build the model, run the image through it and write the PNG; returns its path. ``args`` may come from
     ``add_arguments`` or from the ``visionzoo visualize groups`` parser, which defines fewer flags (the missing
     ones take the defaults of ``add_arguments``)."""
-    import visionzoo
-
     device = getattr(args, "device", None) or "cpu"
     out_path = getattr(args, "out", None) or "groups.png"
-    model = visionzoo.create_model(args.model, checkpoint_path=args.checkpoint).eval().to(device)
-    if not _gp_layers(model):
-        raise SystemExit(f"error: model '{args.model}' has no GP blocks; group maps need a GPViT model.")
-    if args.checkpoint is None:
-        warnings.warn(f"no --checkpoint: showing the groups of a randomly initialised {args.model}", stacklevel=1)
+    model = load_model(args.model, args.checkpoint).to(device)
     cfg = model.pretrained_cfg
+    name = args.model or cfg.get("architecture")
+    if not _gp_layers(model):
+        raise UserError(f"model '{name}' has no GP blocks; group maps need a GPViT model (gpvit_l1..l4, gpvit_test).")
+    if args.checkpoint is None:
+        warnings.warn(f"no --checkpoint: showing the groups of a randomly initialised {name}", stacklevel=1)
     size = getattr(args, "img_size", None) or cfg["input_size"][-1]
     x, shown = prepare_image(load_image(args.image), size, cfg["mean"], cfg["std"])
-    attn = group_attention(model, x.to(device), args.layer)
+    amp = getattr(args, "amp", None) or "fp32"
+    with autocast_context(device, amp):
+        attn = group_attention(model, x.to(device), args.layer).float()
     layer = args.layer if args.layer is not None else _gp_layers(model)[0]
-    title = f"{args.model}, GP block at layer {layer}" + ("" if args.checkpoint else " (random weights)")
+    title = f"{name}, GP block at layer {layer}" + ("" if args.checkpoint else " (random weights)")
     out = render_group_map(shown, attn[0], out_path, groups=args.groups or None,
                            num_groups=getattr(args, "num_groups", 4), head=getattr(args, "head", None), title=title)
-    print(f"wrote {out}")
+    print(f"wrote {out} ({describe(amp, device)})")
     return out
 
 

@@ -61,9 +61,9 @@ def run(args) -> int:
     device = str(resolve_device(args.device))
     if args.action == "eval":
         cfg = DetectionConfig.from_yaml(args.recipe) if args.recipe else None
-        m = evaluate_checkpoint(args.checkpoint, args.data, device, args.max_images, args.out, cfg)
+        m = evaluate_checkpoint(args.checkpoint, args.data, device, args.max_images, args.out, cfg, amp=args.amp)
         print(json.dumps(m, indent=2))
     else:
-        n = visualize(args.checkpoint, args.image, args.out, args.score_thresh, device)
+        n = visualize(args.checkpoint, args.image, args.out, args.score_thresh, device, amp=args.amp)
         print(f"{n} detections above {args.score_thresh} drawn to {args.out}")
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...engine.config import RecipeError, RunConfig
 
@@ -28,14 +29,17 @@ class DetectionConfig(RunConfig):
     IGNORED_KEYS = {"max_keep_ckpts": "a run keeps one train_state.pt (plus last/ and best/): nothing to rotate"}
 
     task: str = "detect"
+    # the official mmdet config this recipe reproduces (its file name finds the recipe of an official checkpoint)
+    official_config: str | None = None
     detector: str = "mask_rcnn"  # mask_rcnn | retinanet
-    model: str = "coc_small_feat2"  # registered backbone name
+    model: str = "coc_small"  # registered backbone name (CoC: fork_feat is set by build_backbone)
     model_kwargs: dict = field(default_factory=dict)
     neck: str = "auto"  # auto | native | simple | adapter | adapter_single (see dense/backbones.py)
     out_indices: list | None = None
     pretrained: str | None = None  # backbone weights: a file, a save_pretrained folder or a run folder (classify, UDI)
     drop_path: float | None = None
     fpn_channels: int = 256
+    fpn_norm: str | None = None  # null (mmdet FPN default: conv bias, no norm) | bn (the GPViT configs' SyncBN)
     box_head: str = "2fc"  # 2fc (mmdet Shared2FCBBoxHead) | 4conv1fc (Shared4Conv1FCBBoxHead with BN, GPViT)
     representation_size: int = 1024  # box-head FC width
     mask_head_channels: int | None = None  # default: fpn_channels
@@ -72,7 +76,7 @@ class DetectionConfig(RunConfig):
     epochs: int = 12
     batch_size: int = 2  # per process
     lr: float | None = 2e-4
-    amp_dtype: str = "float16"
+    AMP_TRUE: ClassVar[str] = "fp16"  # the older amp: true (mmdet's fp16 where amp is on)
     log_interval: int = 50  # iterations
 
     def check(self) -> None:
@@ -96,5 +100,7 @@ class DetectionConfig(RunConfig):
                               f"{self.fpn_channels}")
         if self.roi_align not in ("mmdet", "torchvision"):
             raise RecipeError(f"roi_align must be 'mmdet' or 'torchvision', got {self.roi_align!r}")
+        if self.fpn_norm not in (None, "bn", "gn"):
+            raise RecipeError(f"fpn_norm must be null, 'bn' or 'gn', got {self.fpn_norm!r}")
         if self.box_head not in ("2fc", "4conv1fc"):
             raise RecipeError(f"box_head must be '2fc' or '4conv1fc', got {self.box_head!r}")

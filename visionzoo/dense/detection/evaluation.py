@@ -1,11 +1,10 @@
 """COCO box / mask AP (pycocotools) of a detector, sharded over processes."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
+from ...engine.precision import autocast_context
 from .data import CocoDetection, _quiet, collate
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -28,7 +27,7 @@ def to_coco_results(outputs, image_ids, label_to_cat: dict, mask_thresh: float =
             bbox.append(dict(image_id=int(image_id), category_id=c, bbox=[round(v, 3) for v in b],
                              score=round(s, 5)))
         if "masks" in out:
-            masks = (out["masks"].detach()[:, 0] > mask_thresh).cpu().numpy().astype(np.uint8)
+            masks = (out["masks"].detach()[:, 0] >= mask_thresh).cpu().numpy().astype(np.uint8)
             for m, s, c in zip(masks, scores.tolist(), cats):
                 rle = mask_util.encode(np.asfortranarray(m))
                 rle["counts"] = rle["counts"].decode("ascii")
@@ -60,9 +59,10 @@ def coco_evaluate(coco_gt, results: dict, image_ids=None) -> dict:
 
 
 def evaluate(model, dataset: CocoDetection, device, batch_size: int = 2, rank: int = 0, world_size: int = 1,
-             amp: bool = False, amp_dtype=None, max_images: int | None = None, workers: int = 0) -> dict:
+             amp="fp32", max_images: int | None = None, workers: int = 0) -> dict:
     """Box (and mask) AP of ``model`` (not a DDP wrapper: ranks may run different numbers of batches) on
-    ``dataset``, scored against its COCO ground truth. Under DDP every rank runs a shard and rank 0 scores."""
+    ``dataset``, scored against its COCO ground truth. Under DDP every rank runs a shard and rank 0 scores.
+    ``amp``: the precision (auto, bf16, fp16, fp32)."""
     model = _unwrap(model).eval()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     indices = list(range(rank, n, world_size))
@@ -74,8 +74,7 @@ def evaluate(model, dataset: CocoDetection, device, batch_size: int = 2, rank: i
     with torch.no_grad():
         for images, targets in loader:
             images = [im.to(device, non_blocking=True) for im in images]
-            ctx = torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext()
-            with ctx:
+            with autocast_context(device, amp):
                 outputs = model(images)
             b, s = to_coco_results(outputs, [t["image_id"] for t in targets], dataset.label_to_cat)
             bbox += b

@@ -41,7 +41,7 @@ def run(args) -> int:
 
         m = evaluate_checkpoint(args.checkpoint, cfg, device=args.device)
         print(f"{args.checkpoint}: test OA {m['test_oa']:.4f}, mAcc {m['test_macc']:.4f} "
-              f"({m['test_size']} clouds, {m['num_classes']} classes)")
+              f"({m['test_size']} clouds, {m['num_classes']} classes, {m['precision']})")
         return 0
     if args.profile:
         from ...engine.profile import profile, report

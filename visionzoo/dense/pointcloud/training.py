@@ -33,11 +33,9 @@ def metrics_from_counts(hits, total) -> dict:
 
 
 def build_model(cfg: PointCloudConfig, num_classes: int):
-    import timm
+    from ...models import create_model  # coc_pointmlp is not in timm's (image-model) registry
 
-    from ... import models  # noqa: F401  registers coc_pointmlp
-
-    return timm.create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+    return create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
 
 
 def train(cfg: PointCloudConfig, out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,

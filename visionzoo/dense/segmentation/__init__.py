@@ -19,8 +19,8 @@ section 5.2, udi.md section 7) are reproduced in plain PyTorch, without mmcv:
 
 Modules: ``config`` (SegmentationConfig), ``heads`` (heads, Segmentor), ``data`` (ADE20K layout, pipelines),
 ``inference`` (whole / slide / aug-test, metrics, evaluate), ``training``, ``commands`` (what `visionzoo segment`
-runs). Names are re-exported lazily (``from visionzoo.dense.segmentation import X``), so reading the config does not
-import torch.
+runs), ``official`` (official mmseg heads / checkpoints -> ours, the dense parity hooks). Names are re-exported
+lazily (``from visionzoo.dense.segmentation import X``), so reading the config does not import torch.
 
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ _EXPORTS = {
     "UPerHead": "heads", "_resize": "heads", "build_head": "heads", "build_segmentor": "heads", "seg_ce": "heads",
     "SegDataset": "data", "ade20k_pairs": "data", "class_names": "data", "dataset_root": "data", "load_pair": "data",
     "normalize": "data", "photometric_distortion": "data", "random_crop_box": "data", "reduce_labels": "data",
-    "rescale_size": "data", "resize_image": "data", "resize_label": "data", "test_size": "data",
+    "rescale_size": "data", "resize_image": "data", "resize_label": "data", "test_resize": "data", "test_size": "data",
     "train_transform": "data",
     "aug_test_probs": "inference", "confusion_matrix": "inference", "evaluate": "inference",
     "predict_logits": "inference", "segmentation_metrics": "inference", "slide_logits": "inference",

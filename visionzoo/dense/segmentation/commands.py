@@ -11,9 +11,10 @@ import torch
 
 from ...data.image_io import read_image
 from ...engine.config import RecipeError, parse_yaml, read_recipe
+from ...engine.precision import autocast_context, describe
 from ...errors import InputNotFoundError
 from .config import SegmentationConfig
-from .data import ade20k_pairs, class_names, dataset_root, normalize, resize_image, test_size
+from .data import ade20k_pairs, class_names, dataset_root, normalize, test_resize
 from .inference import evaluate, predict_logits
 
 _logger = logging.getLogger("visionzoo")
@@ -101,21 +102,29 @@ def run(args) -> int:
         summary = task.train(cfg, resume=resume, device=args.device)
         print(f"run folder: {summary['run_dir']}")
         return 0
+    recipe = getattr(args, "recipe", None)
+    if args.action == "eval" and not (args.checkpoint or recipe):
+        raise RecipeError("segment eval needs --checkpoint (a run or an official mmseg .pth) or --recipe (its "
+                          "untrained model).")
     device = resolve_device(args.device)
-    if args.action == "eval" and args.recipe:
+    if args.action == "eval" and recipe and not args.checkpoint:
         cfg = SegmentationConfig.from_yaml(args.recipe)
         if args.data_dir:
             cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
         model, info = task.untrained_segmentor(cfg).to(device).eval(), {"step": 0}
         info["data_root"], info["source"] = str(dataset_root(cfg)), f"untrained {args.recipe}"
     else:
-        model, cfg, info = task.load_segmentor(args.checkpoint, device)
+        model, cfg, info = task.load_segmentor(args.checkpoint, device, recipe=recipe)
+        if info.get("official_recipe"):
+            print(f"{args.checkpoint}: official mmseg checkpoint, converted into {info['official_recipe']}")
     if args.action == "eval":
         root = Path(args.data_dir or info.get("data_root") or dataset_root(cfg))
         m = evaluate(model, ade20k_pairs(root, "validation"), cfg, device, args.mode,
-                     class_names(root, cfg.num_classes), workers=args.workers, aug_test=args.aug_test)
+                     class_names(root, cfg.num_classes), workers=args.workers, aug_test=args.aug_test, amp=args.amp)
+        m["precision"] = describe(args.amp, device)
         mode = m["mode"] + (" + aug-test" if args.aug_test else "")
-        print(f"{mode}: mIoU {m['mIoU']:.4f} aAcc {m['aAcc']:.4f} mAcc {m['mAcc']:.4f} ({m['images']} images)")
+        print(f"{mode}: mIoU {m['mIoU']:.4f} aAcc {m['aAcc']:.4f} mAcc {m['mAcc']:.4f} ({m['images']} images, "
+              f"{m['precision']})")
         if args.results:
             result = {"checkpoint": info["source"], "iter": info.get("step", 0), **m}
             atomic_write_text(Path(args.results), json.dumps(result, indent=2))
@@ -124,9 +133,8 @@ def run(args) -> int:
     from PIL import Image
 
     img = np.array(read_image(args.image), dtype=np.uint8)
-    h, w = test_size(*img.shape[:2], cfg.img_scale, cfg.size_divisor)
-    x = torch.from_numpy(normalize(resize_image(img, h, w)))[None].to(device)
-    with torch.no_grad():
+    x = torch.from_numpy(normalize(test_resize(img, cfg.img_scale, cfg.size_divisor)))[None].to(device)
+    with torch.no_grad(), autocast_context(device, args.amp):
         logits = predict_logits(model, x, args.mode or cfg.test_mode, cfg.slide_crop, cfg.slide_stride,
                                 out_size=img.shape[:2])
     pred = logits.argmax(1)[0].cpu().numpy()

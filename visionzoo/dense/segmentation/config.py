@@ -26,6 +26,8 @@ class SegmentationConfig(RunConfig):
     IGNORED_KEYS = {"max_keep_ckpts": "a run keeps one train_state.pt (plus last/ and best/): nothing to rotate"}
 
     task: str = "segment"
+    # the official mmseg config this recipe reproduces (its file name finds the recipe of an official checkpoint)
+    official_config: str | None = None
     # backbone (visionzoo.dense.backbones.build_backbone)
     model: str = "coc_small_feat5"
     model_kwargs: dict = field(default_factory=dict)

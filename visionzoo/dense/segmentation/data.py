@@ -180,13 +180,22 @@ def train_transform(img: np.ndarray, label: np.ndarray, cfg: SegmentationConfig,
     return out_x, out_y
 
 
+def _align(h: int, w: int, size_divisor: int) -> tuple[int, int]:
+    return int(math.ceil(h / size_divisor)) * size_divisor, int(math.ceil(w / size_divisor)) * size_divisor
+
+
 def test_size(h: int, w: int, img_scale, size_divisor: int = 32) -> tuple[int, int]:
     """Keep-ratio resize to ``img_scale`` then, with a divisor, AlignedResize's round-up of both sides."""
     h, w = rescale_size(h, w, img_scale)
-    if size_divisor:
-        h = int(math.ceil(h / size_divisor)) * size_divisor
-        w = int(math.ceil(w / size_divisor)) * size_divisor
-    return h, w
+    return _align(h, w, size_divisor) if size_divisor else (h, w)
+
+
+def test_resize(img: np.ndarray, img_scale, size_divisor: int = 32) -> np.ndarray:
+    """The test image as mmseg's AlignedResize makes it: a keep-ratio rescale to ``img_scale``, then (with a
+    divisor) a second resize of that uint8 image to its sides rounded up to multiples of ``size_divisor``."""
+    h, w = rescale_size(*img.shape[:2], img_scale)
+    img = resize_image(img, h, w)
+    return resize_image(img, *_align(h, w, size_divisor)) if size_divisor else img
 
 
 class SegDataset:
@@ -210,11 +219,10 @@ class SegDataset:
             return torch.from_numpy(x), torch.from_numpy(y)
         y = torch.from_numpy(label.astype(np.int64))
         if self.aug_test:  # one image per ratio of img_scale (mmseg MultiScaleFlipAug)
-            return [torch.from_numpy(normalize(resize_image(img, *test_size(
-                *label.shape, [int(v * r) for v in cfg.img_scale], cfg.size_divisor))))
-                for r in cfg.aug_test_ratios], y
-        h, w = test_size(*label.shape, cfg.img_scale, cfg.size_divisor)
-        return torch.from_numpy(normalize(resize_image(img, h, w))), y
+            return [torch.from_numpy(normalize(test_resize(img, [int(v * r) for v in cfg.img_scale],
+                                                           cfg.size_divisor)))
+                    for r in cfg.aug_test_ratios], y
+        return torch.from_numpy(normalize(test_resize(img, cfg.img_scale, cfg.size_divisor))), y
 
 
 def dataset_root(cfg: SegmentationConfig, out: str | os.PathLike | None = None) -> Path:

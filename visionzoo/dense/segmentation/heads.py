@@ -14,16 +14,18 @@ from .config import HEADS, SegmentationConfig
 # ----------------------------------------------------------------------------------------------------------------
 # heads (plain torch; mmseg semantics)
 
-def _resize(x, size):
+def _resize(x, size, align_corners: bool = False):
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
-def _conv_module(cin: int, cout: int, k: int, norm: bool = True, act: bool = True):
+def _conv_module(cin: int, cout: int, k: int, norm: bool = True, act: bool = True, stride: int = 1,
+                 dilation: int = 1):
     """mmcv ConvModule: conv (bias only without a norm) -> BN -> ReLU, with mmcv's submodule names."""
     m = nn.Sequential()
-    m.add_module("conv", nn.Conv2d(cin, cout, k, padding=k // 2, bias=not norm))
+    m.add_module("conv", nn.Conv2d(cin, cout, k, stride=stride, padding=(k // 2) * dilation, dilation=dilation,
+                                   bias=not norm))
     if norm:
         m.add_module("bn", nn.BatchNorm2d(cout))
     if act:
@@ -31,8 +33,9 @@ def _conv_module(cin: int, cout: int, k: int, norm: bool = True, act: bool = Tru
     return m
 
 
-def _decode_base(self, channels: int, num_classes: int, dropout: float) -> None:
+def _decode_base(self, channels: int, num_classes: int, dropout: float, align_corners: bool = False) -> None:
     self.num_classes = num_classes
+    self.align_corners = align_corners
     self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()  # mmseg BaseDecodeHead: Dropout2d
     self.conv_seg = nn.Conv2d(channels, num_classes, 1)
     nn.init.normal_(self.conv_seg.weight, 0, 0.01)  # mmseg init_weights: normal(0, 0.01) on conv_seg
@@ -40,106 +43,162 @@ def _decode_base(self, channels: int, num_classes: int, dropout: float) -> None:
 
 
 class FPNNeck(nn.Module):
-    """mmseg/mmdet FPN with ``num_outs == len(inputs)``: 1x1 laterals, nearest top-down sums, 3x3 outputs."""
+    """mmseg FPN: 1x1 laterals on input levels ``start_level..end_level-1``, top-down sums (``upsample`` are the
+    F.interpolate arguments, mmseg's ``upsample_cfg``; nearest to the lower level's size by default), 3x3 outputs;
+    with ``num_outs`` above the level count, the extra outputs are stride-2 max pools of the last one or, with
+    ``extra_convs`` ('on_input' | 'on_lateral' | 'on_output'), stride-2 3x3 convs appended to ``fpn_convs``."""
 
-    def __init__(self, in_channels, out_channels: int = 256):
+    def __init__(self, in_channels, out_channels: int = 256, num_outs: int | None = None, start_level: int = 0,
+                 end_level: int | None = None, extra_convs: str | None = None, relu_before_extra_convs: bool = False,
+                 norm: bool = False, lateral_norm: bool | None = None, act: bool = False,
+                 upsample: dict | None = None):
         super().__init__()
-        self.lateral_convs = nn.ModuleList(_conv_module(c, out_channels, 1, False, False) for c in in_channels)
-        self.fpn_convs = nn.ModuleList(_conv_module(out_channels, out_channels, 3, False, False)
-                                       for _ in in_channels)
-        for m in self.modules():  # mmdet FPN init: xavier_uniform on every conv
+        in_channels = list(in_channels)
+        self.start_level = start_level
+        self.end_level = len(in_channels) if end_level is None else end_level
+        levels = self.end_level - start_level
+        self.num_outs = levels if num_outs is None else num_outs
+        if self.num_outs < levels:
+            raise UserError(f"FPN num_outs {self.num_outs} is below its {levels} input levels")
+        if extra_convs not in (None, "on_input", "on_lateral", "on_output"):
+            raise UserError(f"FPN extra_convs must be on_input, on_lateral or on_output, got {extra_convs!r}")
+        self.extra_convs, self.relu_before_extra_convs = extra_convs, relu_before_extra_convs
+        self.upsample = dict(upsample or {"mode": "nearest"})
+        lateral_norm = norm if lateral_norm is None else lateral_norm
+        self.lateral_convs = nn.ModuleList(_conv_module(in_channels[i], out_channels, 1, lateral_norm, act)
+                                           for i in range(start_level, self.end_level))
+        self.fpn_convs = nn.ModuleList(_conv_module(out_channels, out_channels, 3, norm, act) for _ in range(levels))
+        if extra_convs:
+            for i in range(self.num_outs - levels):
+                cin = in_channels[self.end_level - 1] if i == 0 and extra_convs == "on_input" else out_channels
+                self.fpn_convs.append(_conv_module(cin, out_channels, 3, norm, act, stride=2))
+        for m in self.modules():  # mmseg/mmdet FPN init: xavier_uniform on every conv
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.out_channels = [out_channels] * len(in_channels)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.out_channels = [out_channels] * self.num_outs
 
     def forward(self, feats):
-        lat = [conv(x) for conv, x in zip(self.lateral_convs, feats)]
+        lat = [conv(feats[i + self.start_level]) for i, conv in enumerate(self.lateral_convs)]
         for i in range(len(lat) - 1, 0, -1):
-            up = lat[i] if lat[i].shape[-2:] == lat[i - 1].shape[-2:] else \
-                F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
+            if "scale_factor" in self.upsample:
+                up = F.interpolate(lat[i], **self.upsample)
+            else:
+                up = F.interpolate(lat[i], size=lat[i - 1].shape[-2:], **self.upsample)
             lat[i - 1] = lat[i - 1] + up
-        return [conv(x) for conv, x in zip(self.fpn_convs, lat)]
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat)]
+        n = len(lat)
+        if self.num_outs > n and not self.extra_convs:
+            for _ in range(self.num_outs - n):
+                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+        elif self.num_outs > n:
+            source = {"on_input": feats[self.end_level - 1], "on_lateral": lat[-1], "on_output": outs[-1]}
+            outs.append(self.fpn_convs[n](source[self.extra_convs]))
+            for i in range(n + 1, self.num_outs):
+                x = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
+                outs.append(self.fpn_convs[i](x))
+        return outs
+
 
 class FPNHead(nn.Module):
-    """Semantic FPN head: per level ``max(1, log2(s_i / s_0))`` 3x3 ConvModules, each followed by a 2x bilinear
-    upsample while the level is coarser than the first; the levels are summed at the first map's size."""
+    """Semantic FPN head: per level ``max(1, log2(s_i) - log2(s_0))`` (floored) 3x3 ConvModules, each followed by a
+    2x bilinear upsample while the level is coarser than the first; the levels are summed at the first map's
+    size."""
 
-    def __init__(self, in_channels, strides, channels: int = 128, num_classes: int = 150, dropout: float = 0.1):
+    def __init__(self, in_channels, strides, channels: int = 128, num_classes: int = 150, dropout: float = 0.1, *,
+                 norm: bool = True, act: bool = True, align_corners: bool = False):
         super().__init__()
+        if min(strides) != strides[0]:
+            raise UserError(f"FPNHead needs the finest map first, got strides {list(strides)}")
         self.scale_heads = nn.ModuleList()
         for c, s in zip(in_channels, strides):
-            n = max(1, int(round(math.log2(s / strides[0]))))
+            n = max(1, int(math.log2(s) - math.log2(strides[0])))
             layers = []
             for k in range(n):
-                layers.append(_conv_module(c if k == 0 else channels, channels, 3))
+                layers.append(_conv_module(c if k == 0 else channels, channels, 3, norm, act))
                 if s != strides[0]:
-                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=align_corners))
             self.scale_heads.append(nn.Sequential(*layers))
-        _decode_base(self, channels, num_classes, dropout)
+        _decode_base(self, channels, num_classes, dropout, align_corners)
 
     def forward(self, feats):
         out = self.scale_heads[0](feats[0])
         for head, x in zip(self.scale_heads[1:], feats[1:]):
-            out = out + _resize(head(x), out.shape[-2:])
+            out = out + _resize(head(x), out.shape[-2:], self.align_corners)
         return self.conv_seg(self.dropout(out))
+
 
 class UPerHead(nn.Module):
     """UperNet: a pyramid pooling module (PPM) on the last map, an FPN over the others, every level resized to
     the first map, concatenated and fused by a 3x3 ConvModule."""
 
     def __init__(self, in_channels, channels: int = 512, num_classes: int = 150, dropout: float = 0.1,
-                 pool_scales=(1, 2, 3, 6)):
+                 pool_scales=(1, 2, 3, 6), *, norm: bool = True, act: bool = True, align_corners: bool = False):
         super().__init__()
         self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv_module(in_channels[-1], channels, 1))
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv_module(in_channels[-1], channels, 1, norm, act))
             for s in pool_scales)
-        self.bottleneck = _conv_module(in_channels[-1] + len(pool_scales) * channels, channels, 3)
-        self.lateral_convs = nn.ModuleList(_conv_module(c, channels, 1) for c in in_channels[:-1])
-        self.fpn_convs = nn.ModuleList(_conv_module(channels, channels, 3) for _ in in_channels[:-1])
-        self.fpn_bottleneck = _conv_module(len(in_channels) * channels, channels, 3)
-        _decode_base(self, channels, num_classes, dropout)
+        self.bottleneck = _conv_module(in_channels[-1] + len(pool_scales) * channels, channels, 3, norm, act)
+        self.lateral_convs = nn.ModuleList(_conv_module(c, channels, 1, norm, act) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(_conv_module(channels, channels, 3, norm, act) for _ in in_channels[:-1])
+        self.fpn_bottleneck = _conv_module(len(in_channels) * channels, channels, 3, norm, act)
+        _decode_base(self, channels, num_classes, dropout, align_corners)
 
     def psp_forward(self, x):
-        pooled = [_resize(m(x), x.shape[-2:]) for m in self.psp_modules]
+        pooled = [_resize(m(x), x.shape[-2:], self.align_corners) for m in self.psp_modules]
         return self.bottleneck(torch.cat([x] + pooled, dim=1))
 
     def forward(self, feats):
         lat = [conv(x) for conv, x in zip(self.lateral_convs, feats)] + [self.psp_forward(feats[-1])]
         for i in range(len(lat) - 1, 0, -1):
-            lat[i - 1] = lat[i - 1] + _resize(lat[i], lat[i - 1].shape[-2:])
+            lat[i - 1] = lat[i - 1] + _resize(lat[i], lat[i - 1].shape[-2:], self.align_corners)
         outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:-1])] + [lat[-1]]
         size = outs[0].shape[-2:]
-        fused = self.fpn_bottleneck(torch.cat([_resize(o, size) for o in outs], dim=1))
+        fused = self.fpn_bottleneck(torch.cat([_resize(o, size, self.align_corners) for o in outs], dim=1))
         return self.conv_seg(self.dropout(fused))
 
+
 class FCNHead(nn.Module):
-    """mmseg FCNHead (the UperNet auxiliary head): ``num_convs`` 3x3 ConvModules on one map, no concat_input."""
+    """mmseg FCNHead (the UperNet auxiliary head): ``num_convs`` ConvModules on one map; with ``concat_input`` the
+    input is concatenated to their output and fused by one more ConvModule (``conv_cat``)."""
 
     def __init__(self, in_channels: int, channels: int = 256, num_classes: int = 150, dropout: float = 0.1,
-                 num_convs: int = 1):
+                 num_convs: int = 1, *, concat_input: bool = False, kernel_size: int = 3, dilation: int = 1,
+                 norm: bool = True, act: bool = True):
         super().__init__()
-        self.convs = nn.Sequential(*[_conv_module(in_channels if i == 0 else channels, channels, 3)
-                                     for i in range(num_convs)])
+        if num_convs == 0 and in_channels != channels:
+            raise UserError(f"FCNHead with num_convs=0 needs in_channels == channels, got {in_channels}, {channels}")
+        self.convs = nn.Sequential(*[
+            _conv_module(in_channels if i == 0 else channels, channels, kernel_size, norm, act, dilation=dilation)
+            for i in range(num_convs)])
+        self.conv_cat = _conv_module(in_channels + channels, channels, kernel_size, norm, act) \
+            if concat_input else None
         _decode_base(self, channels, num_classes, dropout)
 
     def forward(self, x):
-        return self.conv_seg(self.dropout(self.convs(x)))
+        out = self.convs(x)
+        if self.conv_cat is not None:
+            out = self.conv_cat(torch.cat([x, out], dim=1))
+        return self.conv_seg(self.dropout(out))
+
 
 class SegformerHead(nn.Module):
     """mmseg SegformerHead: per level a 1x1 ConvModule (BN + ReLU) to ``channels``, bilinear resize to the first
     map, concatenation, 1x1 ConvModule fusion, dropout, classifier."""
 
-    def __init__(self, in_channels, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
+    def __init__(self, in_channels, channels: int = 256, num_classes: int = 150, dropout: float = 0.1, *,
+                 norm: bool = True, act: bool = True, align_corners: bool = False):
         super().__init__()
-        self.convs = nn.ModuleList(_conv_module(c, channels, 1) for c in in_channels)
-        self.fusion_conv = _conv_module(len(in_channels) * channels, channels, 1)
-        _decode_base(self, channels, num_classes, dropout)
+        self.convs = nn.ModuleList(_conv_module(c, channels, 1, norm, act) for c in in_channels)
+        self.fusion_conv = _conv_module(len(in_channels) * channels, channels, 1, norm, act)
+        _decode_base(self, channels, num_classes, dropout, align_corners)
 
     def forward(self, feats):
         size = feats[0].shape[-2:]
-        outs = [_resize(conv(x), size) for conv, x in zip(self.convs, feats)]
+        outs = [_resize(conv(x), size, self.align_corners) for conv, x in zip(self.convs, feats)]
         return self.conv_seg(self.dropout(self.fusion_conv(torch.cat(outs, dim=1))))
+
 
 class Segmentor(nn.Module):
     """mmseg EncoderDecoder: backbone -> (neck) -> decode head (+ auxiliary head in training). The input is padded

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ...engine.precision import autocast_context
 from ...errors import UserError
 from .config import SegmentationConfig
 from .data import SegDataset
@@ -103,11 +104,11 @@ def segmentation_metrics(cm, class_names=None) -> dict:
 # evaluation
 
 def evaluate(model, pairs, cfg: SegmentationConfig, device, mode: str | None = None, names=None, rank: int = 0,
-             world_size: int = 1, amp_dtype=None, workers: int = 0, aug_test: bool = False) -> dict:
+             world_size: int = 1, amp="fp32", workers: int = 0, aug_test: bool = False) -> dict:
     """mIoU / aAcc / mAcc over ``pairs`` (each rank takes every world_size-th image; the confusion matrices are
     summed with all_reduce). Logits are resized to the original label size before the argmax, as mmseg does.
     ``aug_test``: multi-scale (``cfg.aug_test_ratios``) and flip (``cfg.aug_test_flip``) test, see
-    :func:`aug_test_probs`."""
+    :func:`aug_test_probs`. ``amp``: the precision (auto, bf16, fp16, fp32)."""
     from ...engine.distributed import all_reduce_sum
 
     mode = mode or cfg.test_mode
@@ -120,7 +121,7 @@ def evaluate(model, pairs, cfg: SegmentationConfig, device, mode: str | None = N
     with torch.no_grad():
         for x, y in loader:
             y = y.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with autocast_context(device, amp):
                 if aug_test:
                     logits = aug_test_probs(model, [v[None].to(device) for v in x], y.shape, cfg.aug_test_flip,
                                             mode, cfg.slide_crop, cfg.slide_stride)

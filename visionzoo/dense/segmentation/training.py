@@ -1,7 +1,6 @@
 """The pieces the segment task gives the engine: mmcv-style parameter groups and the per-iteration lr factor."""
 from __future__ import annotations
 
-
 from .config import SegmentationConfig
 
 # ----------------------------------------------------------------------------------------------------------------

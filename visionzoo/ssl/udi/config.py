@@ -5,7 +5,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from ...engine.config import RunConfig
 
@@ -70,12 +70,12 @@ class UDIConfig(RunConfig):
     clip_grad: Optional[float] = 3.0  # per tensor (DINO); 0 or null disables
     clip_mode: str = "per_tensor"
     freeze_last_layer: int = 1
-    amp: bool = True
-    amp_dtype: str = "float16"  # float16 (GradScaler, CUDA only) | bfloat16
+    amp: str = "fp16"  # official: fp16 with the grad scaler on GPUs (fp32 on CPUs, where fp16 is slow); bf16 | auto
+    AMP_TRUE: ClassVar[str] = "fp16"  # the older amp: true
     # loop
     workers: int = 10  # official value; capped at the machine's CPU count
     log_interval: int = 10
-    save_every_epochs: int = 20  # also keep a teacher snapshot (teacher_epNNNN/) every N epochs; 0: none
+    save_every_epochs: int = 20  # official saveckp_freq: a teacher snapshot in snapshots/ every N epochs; 0: none
     online_knn: bool = True  # weighted k-NN of the teacher on the val split every eval_every epochs
     knn_k: int = 20
     knn_t: float = 0.07

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...engine.precision import fp32_island
 
 # ================================================================================================================
 # objective (section 4)
@@ -42,6 +43,12 @@ class UDILoss(nn.Module):
         return (x * m).sum(dim) / (m.sum(dim) + 1e-5)
 
     def forward(self, s: dict, t: dict, epoch: int):
+        # the softmaxes, cross-entropies and centres in fp32 under any autocast: with out_dim 65536 and a
+        # teacher temperature of 0.04, bf16 logits would lose the targets' fine structure
+        with fp32_island(t["g_cls"]):
+            return self._forward(s, t, epoch)
+
+    def _forward(self, s: dict, t: dict, epoch: int):
         tau = self.teacher_temp(epoch)
         a = self.alpha
         c = self.center

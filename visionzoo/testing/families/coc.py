@@ -112,11 +112,11 @@ def our_model_name(official_name: str) -> str:
 
 
 def check_manifest_entry(name: str, entry: dict) -> list[str]:
-    import timm
+    from visionzoo.models import create_model, is_model
 
     ours = our_model_name(name)
-    if not timm.is_model(ours):
+    if not is_model(ours):  # coc_small_feat2 & co are visionzoo names (fork_feat forms of coc_small / coc_medium)
         return [f"no registered model {ours} for official {name}"]
-    model = meta_model(lambda: timm.create_model(ours))
+    model = meta_model(lambda: create_model(ours))
     return check_state_dict_layout(model, entry["state_dict"], cc.checkpoint_filter_fn,
                                    expected_params=entry.get("params"))

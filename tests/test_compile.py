@@ -1,0 +1,101 @@
+"""torch.compile: every family's forward is one graph (``torch._dynamo.explain`` finds no break, in eval and train
+mode) and the compiled model computes what the eager one does; ``--torchcompile`` (``--compile``) runs each task's
+training step compiled through the engine. Compiling takes minutes on 2 CPU cores, so those tests are ``slow``."""
+import copy
+
+import pytest
+import torch
+
+import visionzoo
+from visionzoo.cli import main
+
+# one small model per registered family (module of visionzoo.models), with its input
+FAMILY_MODELS = {
+    "coc_test": {},  # context_cluster
+    "coc_pointmlp": dict(points=128, embed_dim=16, dim_expansion=(2, 2), pre_blocks=(1, 1), pos_blocks=(1, 1),
+                         k_neighbors=(8, 8), reducers=(4, 4)),  # coc_pointmlp (point clouds)
+    "gpvit_test": {},  # gpvit
+    "cswin_test": {},  # cswin
+    "ga_test": {},  # gramian
+    "gcr_test": {},  # grassmann
+    "udi_vit_test": {},  # vit_udi
+}
+
+
+def _model_and_input(name: str):
+    torch.manual_seed(0)
+    model = visionzoo.create_model(name, **FAMILY_MODELS[name])
+    if name == "coc_pointmlp":
+        return model, torch.randn(2, 3, 128)
+    return model, torch.randn(2, *model.pretrained_cfg["input_size"])
+
+
+def test_every_family_has_a_model():
+    from visionzoo.models import _registry
+
+    families = {visionzoo.models.model_entrypoint(n).__module__.rsplit(".", 1)[-1] for n in FAMILY_MODELS}
+    assert families == set(_registry.FAMILY_MODULES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", list(FAMILY_MODELS))
+def test_forward_is_one_graph(name, mode):
+    torch._dynamo.reset()
+    model, x = _model_and_input(name)
+    model.train(mode == "train")
+    explained = torch._dynamo.explain(model)(x)
+    reasons = [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons[:3]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILY_MODELS))
+def test_compiled_matches_eager(name):
+    torch._dynamo.reset()
+    model, x = _model_and_input(name)
+    for mode in ("eval", "train"):  # train: batch statistics, BN running-stat updates; no dropout in these models
+        eager = copy.deepcopy(model).train(mode == "train")
+        compiled = torch.compile(copy.deepcopy(model).train(mode == "train"))
+        ref, out = eager(x), compiled(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        if mode == "train":  # the compiled backward gives the eager gradients
+            ref.float().square().mean().backward()
+            out.float().square().mean().backward()
+            for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+                if p.grad is not None:
+                    torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_bad_compile_mode_is_one_line(tmp_path, capsys):
+    argv = ["train", "--recipe", "coc/coc_test_cpu", "--max-steps", "1", "--output", str(tmp_path), "--device",
+            "cpu", "--torchcompile", "fastest"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fastest" in err and "max-autotune" in err and len(err.splitlines()) == 1
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+TASK_RUNS = {  # two compiled training steps of each task, from its CPU recipe
+    "train": ["train", "--recipe", "coc/coc_test_cpu", "--epochs", "1"],
+    "pretrain": ["pretrain", "--recipe", "udi/pretrain_vit_test_cpu", "--epochs", "1", "--workers", "0"],
+    "detect": ["detect", "train", "--recipe", "detection/maskrcnn_shapes_cpu", "--epochs", "1"],
+    "segment": ["segment", "train", "--recipe", "segmentation/semfpn_shapes_cpu"],
+    "pointcloud": ["pointcloud", "--recipe", "pointcloud/coc_pointmlp_shapes_cpu", "--epochs", "1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(TASK_RUNS))
+def test_task_trains_compiled(task, tmp_path):
+    torch._dynamo.reset()
+    before = _graphs_compiled()
+    argv = TASK_RUNS[task] + ["--max-steps", "2", "--output", str(tmp_path / "run"), "--device", "cpu", "--compile"]
+    assert main(argv) == 0
+    assert _graphs_compiled() > before  # the step ran through torch.compile
