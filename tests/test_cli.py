@@ -93,8 +93,7 @@ def test_the_command_lines_choices_are_the_librarys():
     assert tools.TOKENS == features.TOKENS and tools.AUGMENTS == linear.AUGMENTS
     assert tools.SAMPLINGS == semisup.SAMPLINGS and tools.STYLES == video.STYLES
     assert tools.ANGLE_STATS == transfer.ANGLE_STATS and tools.DEFAULT_C_GRID == transfer.DEFAULT_C_GRID
-    assert (tools.PRECISIONS, tools.BENCH_MODES, tools.COMPILE_MODES) == \
-        (bench.PRECISIONS, bench.BENCH_MODES, bench.COMPILE_MODES)
+    assert (tools.PRECISIONS, tools.BENCH_MODES) == (bench.PRECISIONS, bench.BENCH_MODES)
     assert tools.METHODS == pretrain.METHODS
     from visionzoo.cli import TOOLS
 

@@ -69,11 +69,19 @@ def test_compiled_matches_eager(name):
 
 
 def test_bad_compile_mode_is_one_line(tmp_path, capsys):
+    from visionzoo.engine.config import TrainConfig
+    from visionzoo.errors import UserError
+
     argv = ["train", "--recipe", "coc/coc_test_cpu", "--max-steps", "1", "--output", str(tmp_path), "--device",
-            "cpu", "--torchcompile", "fastest"]
-    assert main(argv) == 2
+            "cpu", "--compile", "fastest"]
+    with pytest.raises(SystemExit) as stop:  # the flag: argparse's one-line usage error
+        main(argv)
+    assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "fastest" in err and "max-autotune" in err and len(err.splitlines()) == 1
+    with pytest.raises(UserError, match="torchcompile='fastest'.*max-autotune"):  # a recipe or --set value
+        TrainConfig(torchcompile="fastest").check()
+    TrainConfig(torchcompile="default").check()
 
 
 def _graphs_compiled() -> int:

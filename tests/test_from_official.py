@@ -80,7 +80,9 @@ FAST = {
 }
 FAST["finetune"] = FAST["train"]
 # what a tiny model needs beyond FAST: (command, tiny model) -> flags ("SET": --set items)
-TINY_FIXES = {("segment train", "gpvit_test"): ["SET", "out_indices=[0, 1, 1, 2]"],  # 3 blocks, not 12
+BLOCKS_OF_TINY = ["SET", "out_indices=[0, 1, 1, 2]"]  # the tiny ViTs have 3 blocks, not 12
+TINY_FIXES = {("segment train", "gpvit_test"): BLOCKS_OF_TINY + ["aux_index=2"],  # UperNet's auxiliary map ("segment train", "udi_vit_test"): BLOCKS_OF_TINY,
+              ("detect train", "udi_vit_test"): BLOCKS_OF_TINY,  # (GPViT's adapter neck has its own levels)
               ("visualize", "gpvit_test"): ["--layer", "1"]}  # its one GP block
 MODEL_FLAG = ("train", "finetune", "pretrain", "detect train", "segment train")  # take --model after a recipe
 
@@ -265,3 +267,20 @@ def test_commands_without_training_run(tmp_path, monkeypatch, capsys):
 def test_page_runs(family, tmp_path, monkeypatch, capsys):
     """Every row of the page, in order (later rows read the run folders earlier rows wrote)."""
     _run(page_commands(family), tmp_path, monkeypatch, capsys)
+
+
+def test_a_pretrain_runs_two_class_tokens_load_into_the_fine_tuned_vit():
+    """The udi.md fine-tune rows: our [CLS]+[CLS+] state dict (a `visionzoo pretrain` run) loads into the one-token
+    ViT that `udi/finetune_vit_*` builds (reg_tokens 0): [CLS+] and its position row are dropped."""
+    import torch
+
+    import visionzoo
+    from visionzoo.models.vit_udi import checkpoint_filter_fn
+
+    pretrained = visionzoo.create_model("udi_vit_test")
+    one_token = visionzoo.create_model("udi_vit_test", reg_tokens=0)
+    sd = checkpoint_filter_fn(pretrained.state_dict(), one_token)
+    assert "reg_token" not in sd and sd["pos_embed"].shape == one_token.pos_embed.shape
+    pe = pretrained.pos_embed
+    assert torch.equal(sd["pos_embed"], torch.cat([pe[:, :1], pe[:, 2:]], dim=1))
+    one_token.load_state_dict(sd)

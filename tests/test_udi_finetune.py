@@ -57,6 +57,34 @@ def test_official_semisup_recipes_resolve_the_scripts_lr():
             assert cfg.resolved_lr(cfg.world_size) == pytest.approx(lr)  # 5e-6 x global batch / 512
 
 
+def test_finetune_head_layer_one_loads_the_official_projection_head(tmp_path):
+    """--finetune_head_layer 1: the first layer of an official checkpoint's (teacher) head sits under a new classifier,
+    the backbone loads as usual, the classifier's init scale touches only the classifier, and save_pretrained
+    rebuilds it."""
+    base = visionzoo.create_model("udi_vit_test")
+    official = {f"backbone.{k}": v for k, v in base.state_dict().items() if k != "reg_token"}
+    official["backbone.cls_token"] = torch.cat([base.cls_token, base.reg_token], 1)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    official.update({"head.0.mlp.0.weight": w, "head.0.mlp.0.bias": b, "head.0.mlp.2.weight": torch.randn(48, 48)})
+    torch.save({"teacher": official, "student": official}, tmp_path / "udi.pth")
+    model = visionzoo.create_model("udi_vit_test", num_classes=10, head_hidden_dim=48,
+                                   checkpoint_path=tmp_path / "udi.pth").eval()
+    assert torch.equal(model.head_hidden[0].weight, w) and torch.equal(model.head_hidden[0].bias, b)
+    assert torch.equal(model.pos_embed, base.pos_embed)
+    assert model.get_classifier().in_features == 48 and model.get_classifier().out_features == 10
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        expected = model.head(torch.nn.functional.gelu(pooled @ w.T + b))
+        torch.testing.assert_close(model(x), expected)
+    visionzoo.save_pretrained(model, tmp_path / "saved", model_args={"head_hidden_dim": 48})
+    again = visionzoo.load_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    model.reset_classifier(5)
+    assert model.get_classifier().in_features == 48 and model(x).shape == (2, 5)
+
+
 def test_semisup_finetune_runs_on_the_subset(tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -98,7 +126,7 @@ def test_udi_semisup_finetune_beats_random_init(udi_digits_run, tmp_path):
     assert main(["finetune", "--checkpoint", str(udi_digits_run), "--exp", "udi"] + common) == 0
     assert main(["train", "--exp", "random"] + common) == 0
     udi, random = _best(runs / "udi"), _best(runs / "random")
-    assert udi > random + 5, (udi, random)
+    assert udi > random + 5, (udi, random)  # measured 61.4 vs 44.2 (2026-12-03)
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ is measured, not the I/O); ``num_warm_iter`` untimed steps, then ``num_bench_ite
 sync after each. ``samples_per_sec`` = samples / wall time of the whole timed loop; ``step_time_ms`` = mean time
 of one step. Inference runs under ``torch.inference_mode``; a train step is forward + cross-entropy on random
 targets + backward + SGD (timm ``create_optimizer_v2('sgd', lr=1e-4)``; ``opt`` picks another). AMP is
-``torch.autocast``. An out-of-memory error retries with a smaller batch (timm ``decay_batch_step``: 256, 192, 128, 96, ...).
+``torch.autocast``. An out-of-memory error retries with a smaller batch (timm ``decay_batch_step``: 256, 192, 128,
+96, ...).
 GMACs come from ``torch.utils.flop_counter.FlopCounterMode`` on a batch-1 eval forward (FLOPs / 2), run with the
 math SDPA backend so that attention is counted on every device (unlike fvcore).
 
@@ -37,7 +38,6 @@ from .errors import InputNotFoundError, UserError
 
 PRECISIONS = ("float32", "amp", "amp_bfloat16", "float16", "bfloat16")
 BENCH_MODES = ("both", "infer", "train")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # CSV columns, in order (a row always has all of them, so rows of different runs append to one file).
 FIELDS = (
@@ -523,7 +523,8 @@ def format_table(rows: list[dict]) -> str:
     """A plain-text table of the main columns (markdown-compatible)."""
     cols = [("model", "model"), ("infer_samples_per_sec", "infer img/s"), ("infer_step_time_ms", "infer ms"),
             ("train_samples_per_sec", "train img/s"), ("train_step_time_ms", "train ms"),
-            ("infer_peak_mem_mb", "infer peak MiB"), ("train_peak_mem_mb", "train peak MiB"), ("batch_size", "batch"), ("img_size", "img"), ("param_count", "params (M)"), ("gmacs", "GMACs")]
+            ("infer_peak_mem_mb", "infer peak MiB"), ("train_peak_mem_mb", "train peak MiB"), ("batch_size", "batch"),
+            ("img_size", "img"), ("param_count", "params (M)"), ("gmacs", "GMACs")]
 
     def cell(row, key):
         v = row.get(key)

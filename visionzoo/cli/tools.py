@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine.config import TrainConfig, add_amp_flag, add_config_flags
+from ..engine.config import COMPILE_MODES, TrainConfig, add_amp_flag, add_config_flags
 from .official_flags import add_timm_aliases
 
 # the library's choices (visionzoo.engine.features.TOKENS, engine.linear.AUGMENTS, ...; tests/test_cli.py compares)
@@ -18,7 +18,6 @@ DEFAULT_C_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]
 STYLES = ("shapes", "texture", "lighting")
 PRECISIONS = ("float32", "amp", "amp_bfloat16", "float16", "bfloat16")
 BENCH_MODES = ("both", "infer", "train")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SUITES = ("official",)  # visionzoo.bench_official
 SUITE_VARIANTS = ("fp32", "bf16", "fp32+compile", "bf16+compile")  # bench_official.VARIANTS
 METHODS = ("udi",)

@@ -19,7 +19,6 @@ the official 1 % / 10 % values are the recipes ``udi/semisup_finetune_vit_small_
 """
 from __future__ import annotations
 
-
 FINETUNE_DEFAULTS = dict(
     opt="adamw", lr=1e-3, layer_decay=0.55, weight_decay=0.05, opt_eps=1e-8, min_lr=1e-6, warmup_lr=1e-6,
     drop_path=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=0.1, aa="rand-m9-mstd0.5-inc1",
@@ -28,9 +27,8 @@ FINETUNE_DEFAULTS = dict(
 
 
 def build_config(args):
-    from .config import config_overrides
-    from .config import TrainConfig, apply_overrides, config_from_dict, load_config
     from ..models import resolve_checkpoint
+    from .config import TrainConfig, apply_overrides, config_from_dict, config_overrides, load_config
 
     overrides = config_overrides(args, TrainConfig)
     if args.data is not None:

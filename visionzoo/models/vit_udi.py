@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from ..errors import UserError
 from ._registry import is_tracing
@@ -70,13 +71,37 @@ torch.fx.wrap("dino_resample_pos_embed")  # called from a method: wrapped in eve
 class UDIVisionTransformer(VisionTransformer):
     """timm ViT with [CLS] + [CLS+] (``reg_tokens=1``) and DINO-style position-embedding resampling."""
 
-    def __init__(self, *args, reg_tokens: int = 1, dynamic_img_size: bool = True, **kwargs):
+    def __init__(self, *args, reg_tokens: int = 1, dynamic_img_size: bool = True, head_hidden_dim: int = 0,
+                 **kwargs):
+        """``head_hidden_dim`` > 0 puts the first layer of UDI's projection head (Linear C -> hidden + GELU) between
+        the pooled [CLS] and the classifier, as the official semi-supervised fine-tuning does
+        (``--finetune_head_layer 1``: hidden 2048); official checkpoints load it from ``head.0.mlp.0``."""
         kwargs.setdefault("class_token", True)
         kwargs.setdefault("no_embed_class", False)
         if not kwargs["class_token"] or kwargs["no_embed_class"]:
             raise UserError("UDIVisionTransformer needs class_token=True and no_embed_class=False "
                             "(the official layout has a pos_embed row per class token).")
+        self.head_hidden_dim = head_hidden_dim
         super().__init__(*args, reg_tokens=reg_tokens, dynamic_img_size=dynamic_img_size, **kwargs)
+        self.head_hidden = None
+        if head_hidden_dim:
+            self.head_hidden = nn.Sequential(nn.Linear(self.embed_dim, head_hidden_dim), nn.GELU())
+            trunc_normal_(self.head_hidden[0].weight, std=0.02)
+            nn.init.zeros_(self.head_hidden[0].bias)
+            self.reset_classifier(self.num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if self.head_hidden_dim and num_classes > 0:  # the classifier reads the hidden layer's output
+            self.head = nn.Linear(self.head_hidden_dim, num_classes).to(self.cls_token.device, self.cls_token.dtype)
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = super().forward_head(x, pre_logits=True)
+        if pre_logits:
+            return x
+        return self.head(self.head_hidden(x) if self.head_hidden is not None and self.num_classes else x)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         super().init_weights(mode, needs_reset=needs_reset)
@@ -140,6 +165,29 @@ class UDIVisionTransformer(VisionTransformer):
 # checkpoints
 
 _OFFICIAL_WRAPPERS = ("teacher", "student", "state_dict", "model", "module")
+_CLASSIFIER = ("head.weight", "head.bias")  # a fine-tuned classifier (ours, or a fine-tuned official ViT's)
+
+
+def _unwrap_official(state_dict: Dict, key: str = "teacher") -> Dict:
+    sd = state_dict
+    if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+        sd = sd[key]
+    for k in _OFFICIAL_WRAPPERS:
+        if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
+            sd = sd[k]
+    return sd
+
+
+def official_head_first_layer(state_dict: Dict, key: str = "teacher") -> Dict[str, torch.Tensor]:
+    """``head_hidden.0.*`` from the first layer of an official checkpoint's projection head: ``head.0.mlp.0.*``
+    (MultiCropWrapper's list of shared heads) or ``head.mlp.0.*``; empty when it has none."""
+    out = {}
+    for k, v in _unwrap_official(state_dict, key).items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        for prefix in ("head.0.mlp.0.", "head.mlp.0."):
+            if k.startswith(prefix) and isinstance(v, torch.Tensor):
+                out["head_hidden.0." + k[len(prefix):]] = v
+    return out
 
 
 def official_backbone_state_dict(state_dict: Dict, key: str = "teacher") -> Dict[str, torch.Tensor]:
@@ -148,22 +196,16 @@ def official_backbone_state_dict(state_dict: Dict, key: str = "teacher") -> Dict
     A full pretraining checkpoint holds ``student`` and ``teacher``: ``key`` picks one (the evaluation scripts use
     the teacher). SRS-module and projection-head keys are dropped.
     """
-    sd = state_dict
-    if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-        sd = sd[key]
-    for k in _OFFICIAL_WRAPPERS:
-        if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
-            sd = sd[k]
     out = {}
-    for k, v in sd.items():
+    for k, v in _unwrap_official(state_dict, key).items():
         if not isinstance(v, torch.Tensor):
             continue
         if k.startswith("module."):
             k = k[len("module."):]
         if k.startswith("backbone.backbone."):  # MultiCropWrapper(UDIWrapper(ViT))
             k = k[len("backbone.backbone."):]
-        elif k.startswith(("backbone.attn.", "backbone.norm1.", "head.")):
-            continue  # SRS module and projection head: not part of the backbone
+        elif k.startswith(("backbone.attn.", "backbone.norm1.")) or (k.startswith("head.") and k not in _CLASSIFIER):
+            continue  # SRS module and projection head (head.mlp.*, head.0.*, ...): not part of the backbone
         elif k.startswith("backbone."):
             k = k[len("backbone."):]
         out[k] = v
@@ -194,15 +236,30 @@ def checkpoint_filter_fn(state_dict: Dict, model: VisionTransformer) -> Dict[str
         if "pos_embed" in sd and n_ckpt > npt:  # 2-token checkpoint into a 1-token model: drop the [CLS+] row
             pe = sd["pos_embed"]
             sd["pos_embed"] = torch.cat([pe[:, :npt], pe[:, n_ckpt:]], dim=1)
+    elif "reg_token" in sd and not n_reg:  # our [CLS]+[CLS+] layout (a pretrain run) into a 1-token model
+        n_ckpt = 1 + sd.pop("reg_token").shape[1]
+        if "pos_embed" in sd:
+            pe = sd["pos_embed"]
+            sd["pos_embed"] = torch.cat([pe[:, :1], pe[:, n_ckpt:]], dim=1)
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         n_old = sd["pos_embed"].shape[1] - npt
         side = int(math.sqrt(n_old))
         if side * side == n_old and sd["pos_embed"].device.type != "meta":
             sd["pos_embed"] = dino_resample_pos_embed(sd["pos_embed"], tuple(model.patch_embed.grid_size), npt,
                                                       (side, side))
-    for k in ("head.weight", "head.bias"):
+    if "head_hidden.0.weight" in own and "head_hidden.0.weight" not in sd:
+        first = official_head_first_layer(state_dict)
+        if first:
+            sd.update(first)
+        else:
+            _logger.warning("the checkpoint has no projection head: the head's first layer (head_hidden) keeps its "
+                            "new initialisation")
+            sd.update({k: v for k, v in own.items() if k.startswith("head_hidden.")})
+    for k in _CLASSIFIER:
         if k in own and k not in sd:
             sd[k] = own[k]
+        elif k not in own:  # a classifier run used as a backbone (num_classes=0): its head is not wanted
+            sd.pop(k, None)
     return sd
 
 

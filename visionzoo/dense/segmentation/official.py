@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -216,21 +215,10 @@ def is_official_checkpoint(obj) -> bool:
 # the recipe of an official config, whole checkpoints
 
 def recipe_for_official_config(config: str) -> str:
-    """The shipped segmentation recipe whose ``official_config`` is the official config file ``config`` (a path or
-    file name, with or without ``.py``)."""
-    from ...engine.config import RECIPES_DIR, parse_yaml
+    """The shipped segmentation recipe whose ``official_config`` is the official config file ``config``."""
+    from ...engine.config import recipe_for_official_config as find
 
-    stem = Path(str(config)).stem
-    found = []
-    for path in sorted((RECIPES_DIR / "segmentation").glob("*.yaml")):
-        data = parse_yaml(path.read_text(), str(path)) or {}
-        if data.get("official_config") and Path(str(data["official_config"])).stem == stem:
-            found.append(f"segmentation/{path.stem}")
-    if len(found) != 1:
-        what = "no" if not found else f"{len(found)} ({', '.join(found)})"
-        raise ConfigError(f"{what} segmentation recipes reproduce the official config {stem}: pass --recipe "
-                          f"(visionzoo list recipes 'segmentation/*').")
-    return found[0]
+    return find(config, "segmentation")
 
 
 def load_official_checkpoint(checkpoint, recipe: str | None = None, source: str | None = None):
