@@ -538,8 +538,13 @@ def format_table(rows: list[dict]) -> str:
             v = f"{v} (grad ckpt)"
         return "" if v is None else str(v)
 
-    table = [[title for _, title in cols]] + [[cell(r, k) for k, _ in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    return markdown_table([title for _, title in cols], [[cell(r, k) for k, _ in cols] for r in rows])
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A markdown table with padded columns (readable as printed text too)."""
+    table = [header] + body
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)

@@ -269,11 +269,7 @@ def format_suite_table(rows: list[dict]) -> str:
             return f"{100 * v:.1f}%"
         return "" if v is None else str(v)
 
-    table = [[t for _, t in cols]] + [[cell(r, k) for k, _ in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    lines = ["| " + " | ".join(x.ljust(w) for x, w in zip(line, widths)) + " |" for line in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return bench.markdown_table([t for _, t in cols], [[cell(r, k) for k, _ in cols] for r in rows])
 
 
 def run_suite(device="cpu", variants=tuple(VARIANTS), patterns=None, batch_size=None, img_size=None,

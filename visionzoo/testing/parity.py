@@ -152,6 +152,18 @@ def check_state_dict_layout(
     return problems
 
 
+def check_part_params(parts: dict[str, torch.nn.Module | None], entry: dict, note: str = "") -> list[str]:
+    """Problems between the parameter counts of our ``parts`` (name -> module; None counts 0) and a manifest
+    entry's ``params_<name>`` (a part the entry does not count is not checked)."""
+    problems = []
+    for name, module in parts.items():
+        expected = entry.get(f"params_{name}")
+        ours = sum(p.numel() for p in module.parameters()) if module is not None else 0
+        if expected is not None and ours != expected:
+            problems.append(f"{name} params {ours} != official {expected}{note}")
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the runner
 

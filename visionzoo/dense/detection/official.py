@@ -470,7 +470,7 @@ def manifest_problems(name: str, entry: dict) -> list[str] | None:
     part) and the converted key list, one-to-one with equal shapes."""
     if entry.get("official_builder") != BUILDER:
         return None
-    from ...testing.parity import check_state_dict_layout
+    from ...testing.parity import check_part_params, check_state_dict_layout
 
     try:
         recipe = recipe_for_official_config(entry["official_config"])
@@ -480,12 +480,5 @@ def manifest_problems(name: str, entry: dict) -> list[str] | None:
     model, _ = _build(recipe, official_num_classes(layout), meta=True)
     problems = check_state_dict_layout(model, entry["state_dict"], checkpoint_filter_fn,
                                        expected_params=entry.get("params"))
-    for part, ours in _PARTS.items():
-        expected = entry.get(f"params_{part}")
-        if expected is None:
-            continue
-        module = model.get_submodule(ours)
-        count = sum(p.numel() for p in module.parameters())
-        if count != expected:
-            problems.append(f"{part} params {count} != official {expected} (recipe {recipe})")
-    return problems
+    parts = {part: model.get_submodule(ours) for part, ours in _PARTS.items() if f"params_{part}" in entry}
+    return problems + check_part_params(parts, entry, f" (recipe {recipe})")

@@ -286,7 +286,7 @@ def manifest_problems(name: str, entry: dict) -> list[str] | None:
     part) and the converted key list, one-to-one with equal shapes."""
     if entry.get("official_builder") != BUILDER:
         return None
-    from ...testing.parity import check_state_dict_layout, meta_model
+    from ...testing.parity import check_part_params, check_state_dict_layout, meta_model
     from .config import SegmentationConfig
 
     try:
@@ -297,9 +297,5 @@ def manifest_problems(name: str, entry: dict) -> list[str] | None:
     model = meta_model(lambda: H.build_segmentor(cfg))
     problems = check_state_dict_layout(model, entry["state_dict"], convert_official_state,
                                        expected_params=entry.get("params"))
-    for part in _PARTS:
-        expected, module = entry.get(f"params_{part}"), getattr(model, part, None)
-        ours = sum(p.numel() for p in module.parameters()) if module is not None else 0
-        if expected is not None and ours != expected:
-            problems.append(f"{part} params {ours} != official {expected} (recipe {recipe})")
-    return problems
+    parts = {part: getattr(model, part, None) for part in _PARTS}
+    return problems + check_part_params(parts, entry, f" (recipe {recipe})")
