@@ -200,13 +200,15 @@ def test_help_does_not_import_torch():
 
 def test_model_kwargs_reach_our_models_not_the_baseline(tmp_path, capsys):
     out = tmp_path / "bench.csv"
-    args = ["--model", "gpvit_test", "--model-kwargs", "attn_impl=reference", "--baseline", "resnet10t", "-b", "1",
+    args = ["--model", "gpvit_test", "--model-kwargs", "attn_impl=reference", "--baseline", "resnet10t",
+            "--baseline-kwargs", "drop_rate=0.0", "-b", "1",
             "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench", "infer", "--device", "cpu", "--in-process",
             "--results-file", str(out)]
     assert bench.run(_parse(args)) == 0  # resnet10t would fail on an unknown attn_impl kwarg
     assert "gpvit_test [attn_impl=reference]" in capsys.readouterr().out
     rows = list(csv.DictReader(out.open()))
-    assert [(r["model"], r["model_kwargs"]) for r in rows] == [("gpvit_test", "attn_impl=reference"), ("resnet10t", "")]
+    assert [(r["model"], r["model_kwargs"]) for r in rows] == [
+        ("gpvit_test", "attn_impl=reference"), ("resnet10t", "drop_rate=0.0")]  # each side its own kwargs
 
 
 def test_gmacs_count_attention_on_cpu():
@@ -239,9 +241,10 @@ def test_peak_memory_meter_cpu():
 
 
 def test_memory_columns_and_grad_checkpointing():
-    # batch 48: the activations (~100 MiB) dwarf what the allocator and the threads' arenas add (~10-20 MiB)
-    rows = {ckpt: bench.benchmark_model("test_vit", batch_size=48, img_size=128, num_warm_iter=0, num_bench_iter=1,
-                                        grad_checkpointing=ckpt) for ckpt in (False, True)}
+    # batch 48: the activations (~100 MiB) dwarf what the allocator and the threads' arenas add (~10-20 MiB); each
+    # in a fresh process, as the CLI measures (in this one, heap freed by earlier tests would be reused unseen)
+    rows = {ckpt: bench.benchmark_isolated("test_vit", batch_size=48, img_size=128, num_warm_iter=0, num_bench_iter=1,
+                                           grad_checkpointing=ckpt) for ckpt in (False, True)}
     plain, ckpt = rows[False], rows[True]
     assert plain["memory"].startswith("cpu rss") and plain["grad_checkpointing"] is False and ckpt["grad_checkpointing"]
     params = sum(p.numel() for p in timm.create_model("test_vit").parameters())
@@ -254,6 +257,30 @@ def test_memory_columns_and_grad_checkpointing():
         bench.benchmark_model(ConvAttnNet(), img_size=32, batch_size=2, grad_checkpointing=True, **FAST)
 
 
+def test_interleaved_precisions_and_their_ratios(tmp_path, capsys):
+    # --amp fp32 bf16 --rounds 2: runs in the order fp32 bf16 | bf16 fp32, and a ratio table over the rounds
+    out = tmp_path / "ab.csv"
+    args = _parse(["--model", "test_vit", "-b", "2", "--img-size", "32", "--num-warm-iter", "0", "--num-bench-iter",
+                   "1", "--device", "cpu", "--in-process", "--amp", "fp32", "bf16", "--rounds", "2",
+                   "--results-file", str(out)])
+    assert args.amp == ["fp32", "bf16"] and _parse(["--amp"]).amp == ["fp16"] and _parse([]).amp is None
+    assert bench.run(args) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["precision"] for r in rows] == ["float32", "amp_bfloat16", "amp_bfloat16", "float32"]
+    table = capsys.readouterr().out
+    assert "amp_bfloat16 over float32" in table and "2 rounds" in table
+    # the ratios pair rows of the same round: a made-up pair of rounds, bf16 2x then 4x as fast
+    made = [dict(model="m", baseline=False, round=r, precision=p, infer_samples_per_sec=v, train_samples_per_sec=None)
+            for r, p, v in [(0, "float32", 1.0), (0, "amp_bfloat16", 2.0), (1, "amp_bfloat16", 8.0), (1, "float32", 2.0)]]
+    made += [dict(made[i], model="timm_m", baseline=True, infer_samples_per_sec=1.0) for i in range(4)]
+    ours, base, over_base_fp32, over_base_bf16 = bench.speed_ratios(made, ["float32", "amp_bfloat16"])
+    entry = ours
+    assert entry["infer"] == dict(median=3.0, min=2.0, max=4.0, n=2) and "train" not in entry
+    assert base["infer"]["median"] == 1.0  # the baseline's own bf16 / fp32
+    assert over_base_fp32["infer"] == dict(median=1.5, min=1.0, max=2.0, n=2)  # ours over the baseline, fp32
+    assert over_base_bf16["over"] == "timm_m (timm), amp_bfloat16" and over_base_bf16["infer"]["median"] == 5.0
+
+
 def test_isolated_process_row(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.csv"
     args = ["--model", "test_vit", "-b", "2", "--img-size", "32", "--num-warm-iter", "0", "--num-bench-iter", "1",
@@ -262,6 +289,7 @@ def test_isolated_process_row(tmp_path, monkeypatch, capsys):
     row = next(csv.DictReader(out.open()))
     assert row["memory"] == "cpu rss, fresh process" and row["torch_threads"] == "1"
     assert float(row["train_peak_mem_mb"]) > 0 and float(row["train_samples_per_sec"]) > 0
+    assert float(row["infer_first_step_ms"]) > 0 and float(row["train_first_step_ms"]) > 0
     # the child's side of a failure, in this process: one JSON line the parent raises from
     import io
     import json

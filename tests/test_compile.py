@@ -107,3 +107,18 @@ def test_task_trains_compiled(task, tmp_path):
     argv = TASK_RUNS[task] + ["--max-steps", "2", "--output", str(tmp_path / "run"), "--device", "cpu", "--compile"]
     assert main(argv) == 0
     assert _graphs_compiled() > before  # the step ran through torch.compile
+
+
+def test_udi_compiled_step_keeps_one_graph_across_epochs(tmp_path, monkeypatch):
+    # the teacher temperature changes every warm-up epoch (5 here): it reaches the compiled step as a tensor, so
+    # the step is traced once for all 3 epochs (a Python float would be a new constant, so a recompile, each epoch)
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend=counter))
+    argv = ["pretrain", "--recipe", "udi/pretrain_vit_test_cpu", "--epochs", "3", "--max-train-images", "8",
+            "--batch-size", "4", "--online-knn", "false", "--workers", "0", "--output", str(tmp_path / "run"),
+            "--device", "cpu", "--compile"]
+    assert main(argv) == 0
+    assert counter.frame_count == 1  # one graph, compiled once, for the 6 steps of 3 epochs

@@ -267,7 +267,7 @@ def test_a_second_run_into_a_run_folder_is_refused_untouched(tmp_path):
     assert after == before
 
 
-def test_export_is_a_timm_folder_and_checkpoints_evaluate(tmp_path):
+def test_export_is_a_save_pretrained_folder_and_checkpoints_evaluate(tmp_path):
     import timm
 
     import visionzoo

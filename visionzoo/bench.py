@@ -45,6 +45,7 @@ FIELDS = (
     "infer_samples_per_sec", "infer_step_time_ms", "infer_batch_size",
     "train_samples_per_sec", "train_step_time_ms", "train_batch_size",
     "infer_peak_mem_mb", "train_peak_mem_mb", "model_mem_mb", "memory", "grad_checkpointing",
+    "infer_first_step_ms", "train_first_step_ms",  # with --torchcompile: includes the compile time
     "param_count", "params", "gmacs", "train_gmacs",
     "torch", "timm", "visionzoo", "date", "cpu_count", "torch_threads", "cpu", "gpu", "error",
 )
@@ -280,8 +281,11 @@ def _time_loop(step, device, num_warm_iter: int, num_bench_iter: int, batch_size
 
     meter = PeakMemory(device)
     meter.start()
+    first_step = None  # the first call: torch.compile's compile time, oneDNN's kernel set-up, allocator growth
     for _ in range(num_warm_iter):
+        t0 = now()
         step()
+        first_step = now() - t0 if first_step is None else first_step
     _sync(device)
     total_step = 0.0
     t_start = now()
@@ -289,10 +293,11 @@ def _time_loop(step, device, num_warm_iter: int, num_bench_iter: int, batch_size
         t0 = now()
         step()
         total_step += now() - t0
+        first_step = total_step if first_step is None else first_step
     elapsed = now() - t_start
     return dict(
         samples_per_sec=round(batch_size * num_bench_iter / elapsed, 2),
-        step_time_ms=round(1000 * total_step / num_bench_iter, 3),
+        step_time_ms=round(1000 * total_step / num_bench_iter, 3), first_step_ms=round(1000 * first_step, 1),
         peak_mem_mb=meter.stop(), memory=meter.how,
     )
 
@@ -446,14 +451,16 @@ def benchmark_model(
             lambda b: _bench_infer(runner, make_input(b), autocast, device, num_warm_iter, num_bench_iter),
             batch_size, retry_oom, f"{name} infer", device)
         row.update(infer_samples_per_sec=res["samples_per_sec"], infer_step_time_ms=res["step_time_ms"],
-                   infer_batch_size=b, infer_peak_mem_mb=res["peak_mem_mb"], memory=res["memory"])
+                   infer_batch_size=b, infer_peak_mem_mb=res["peak_mem_mb"], memory=res["memory"],
+                   infer_first_step_ms=res["first_step_ms"])
     if bench in ("both", "train"):
         res, b = _run_with_retry(
             lambda b: _bench_train(runner, make_input(b), autocast, device, num_warm_iter, num_bench_iter,
                                    n_classes, opt),
             batch_size, retry_oom, f"{name} train", device)
         row.update(train_samples_per_sec=res["samples_per_sec"], train_step_time_ms=res["step_time_ms"],
-                   train_batch_size=b, train_peak_mem_mb=res["peak_mem_mb"], memory=res["memory"])
+                   train_batch_size=b, train_peak_mem_mb=res["peak_mem_mb"], memory=res["memory"],
+                   train_first_step_ms=res["first_step_ms"])
     return row
 
 
@@ -513,7 +520,7 @@ def write_rows(path: str | os.PathLike, rows: list[dict], fields: tuple[str, ...
             raise UserError(f"{path} has other columns than a `visionzoo benchmark` CSV; pick another --results-file.")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")  # e.g. "round": the row order says it
         if new:
             writer.writeheader()
         writer.writerows(rows)
@@ -521,7 +528,7 @@ def write_rows(path: str | os.PathLike, rows: list[dict], fields: tuple[str, ...
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of the main columns (markdown-compatible)."""
-    cols = [("model", "model"), ("infer_samples_per_sec", "infer img/s"), ("infer_step_time_ms", "infer ms"),
+    cols = [("model", "model"), ("precision", "precision"), ("infer_samples_per_sec", "infer img/s"), ("infer_step_time_ms", "infer ms"),
             ("train_samples_per_sec", "train img/s"), ("train_step_time_ms", "train ms"),
             ("infer_peak_mem_mb", "infer peak MiB"), ("train_peak_mem_mb", "train peak MiB"), ("batch_size", "batch"),
             ("img_size", "img"), ("param_count", "params (M)"), ("gmacs", "GMACs")]
@@ -598,51 +605,116 @@ def run(args: argparse.Namespace) -> int:
     jobs = [(n, False) for n in resolve_model_names(patterns)]
     jobs += [(n, True) for n in resolve_model_names(args.baseline, baseline=True)]
     model_kwargs = _parse_kwargs(args.model_kwargs)
-
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or (8 if device == "cpu" else 256)
-    precision = args.precision
-    if args.amp is not None:  # --amp NAME, spelled as in every command (auto: bf16 where native, else fp32)
-        from .engine.precision import amp_dtype, amp_name
-
-        name = amp_name(args.amp)
-        if name == "auto":
-            name = "bf16" if amp_dtype(name, device) is not None else "fp32"
-        precision = {"bf16": "amp_bfloat16", "fp16": "amp", "fp32": "float32"}[name]
+    precisions = [_precision_of_amp(a, device) for a in args.amp] if args.amp else [args.precision]
+    rounds = getattr(args, "rounds", 1)
 
     rows, failed = [], 0
-    for name, is_baseline in jobs:
-        print(f"benchmarking {name}{' (timm baseline)' if is_baseline else ''} ({precision}, batch {batch_size}, "
-              f"{device}) ...", file=sys.stderr, flush=True)
-        kwargs = dict(
-            device=device, batch_size=batch_size, img_size=args.img_size, precision=precision,
-            channels_last=args.channels_last, torchcompile=args.torchcompile, bench=args.bench,
-            num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
-            model_kwargs={} if is_baseline else model_kwargs,  # options of our models, not timm's
-            num_classes=args.num_classes, retry_oom=not args.no_retry, grad_checkpointing=args.grad_checkpointing)
-        try:
-            if torch.device(device).type == "cpu" and not args.in_process:
-                row = benchmark_isolated(name, threads=args.threads, **kwargs)
-            else:
-                row = benchmark_model(name, **kwargs)
-        except Exception as e:  # one broken model must not lose the others' rows (timm does the same)
-            failed += 1
-            print(f"  {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            row = dict.fromkeys(FIELDS)
-            row.update(model=name, device=device, precision=precision, batch_size=batch_size,
-                       error=f"{type(e).__name__}: {e}")
-        row["baseline"] = is_baseline
-        row["model_kwargs"] = "" if is_baseline else " ".join(args.model_kwargs)
-        rows.append(row)
-        if args.results_file:
-            write_rows(args.results_file, [row])
+    for r in range(rounds):
+        # A B, B A, ...: a drift of the machine's speed hits both sides of every ratio alike
+        order, job_order = (precisions, jobs) if r % 2 == 0 else (precisions[::-1], jobs[::-1])
+        for name, is_baseline in job_order:
+            for precision in order:
+                row = _benchmark_job(args, name, is_baseline, device, batch_size, precision, model_kwargs)
+                failed += bool(row["error"])
+                row["round"] = r
+                rows.append(row)
+                if args.results_file:
+                    write_rows(args.results_file, [row])
     print(format_table(rows))
+    if len(precisions) > 1 or (args.baseline and rounds > 1):
+        print(format_ratio_table(rows, precisions))
     if args.results_file:
         print(f"results appended to {args.results_file}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _precision_of_amp(amp: str, device: str) -> str:
+    """The benchmark precision of an ``--amp`` name (auto: bf16 where the device computes it natively, else fp32)."""
+    from .engine.precision import amp_dtype, amp_name
+
+    name = amp_name(amp)
+    if name == "auto":
+        name = "bf16" if amp_dtype(name, device) is not None else "fp32"
+    return {"bf16": "amp_bfloat16", "fp16": "amp", "fp32": "float32"}[name]
+
+
+def _benchmark_job(args, name, is_baseline, device, batch_size, precision, model_kwargs) -> dict:
+    """One row of `visionzoo benchmark` (a fresh process per model on CPU); a failure is a row with its error."""
+    print(f"benchmarking {name}{' (timm baseline)' if is_baseline else ''} ({precision}, batch {batch_size}, "
+          f"{device}) ...", file=sys.stderr, flush=True)
+    kwargs = dict(
+        device=device, batch_size=batch_size, img_size=args.img_size, precision=precision,
+        channels_last=args.channels_last, torchcompile=args.torchcompile, bench=args.bench,
+        num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
+        model_kwargs=_parse_kwargs(args.baseline_kwargs) if is_baseline else model_kwargs,
+        num_classes=args.num_classes, retry_oom=not args.no_retry, grad_checkpointing=args.grad_checkpointing)
+    try:
+        if torch.device(device).type == "cpu" and not args.in_process:
+            row = benchmark_isolated(name, threads=args.threads, **kwargs)
+        else:
+            row = benchmark_model(name, **kwargs)
+    except Exception as e:  # one broken model must not lose the others' rows (timm does the same)
+        print(f"  {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        row = dict.fromkeys(FIELDS)
+        row.update(model=name, device=device, precision=precision, batch_size=batch_size,
+                   error=f"{type(e).__name__}: {e}")
+    row["baseline"] = is_baseline
+    row["model_kwargs"] = " ".join(args.baseline_kwargs if is_baseline else args.model_kwargs)
+    return row
+
+
+def _ratio_stats(pairs: list[tuple[dict, dict]]) -> dict:
+    """Throughput ratios row / reference over ``pairs``, per step: median, min, max and count (> 1: faster)."""
+    import statistics
+
+    out = {}
+    for step in ("infer", "train"):
+        key = f"{step}_samples_per_sec"
+        ratios = [row[key] / ref[key] for row, ref in pairs if row.get(key) and ref.get(key)]
+        if ratios:
+            out[step] = dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios), n=len(ratios))
+    return out
+
+
+def speed_ratios(rows: list[dict], precisions: list[str]) -> list[dict]:
+    """Relative speeds from one interleaved run: each precision over the first one (per model), and each of our
+    models over each timm baseline (per precision); a ratio pairs two rows of the same round."""
+    rows = [r for r in rows if not r.get("error")]
+
+    def find(model, baseline, rnd, precision):
+        return next((r for r in rows if (r["model"], r["baseline"], r.get("round", 0), r["precision"])
+                     == (model, baseline, rnd, precision)), None)
+
+    out = []
+    models = list(dict.fromkeys((r["model"], r["baseline"]) for r in rows))
+    for model, baseline in models:
+        for precision in precisions[1:]:
+            pairs = [(r, find(model, baseline, r.get("round", 0), precisions[0])) for r in rows
+                     if (r["model"], r["baseline"], r["precision"]) == (model, baseline, precision)]
+            out.append(dict(model=model, of=precision, over=precisions[0],
+                            **_ratio_stats([(a, b) for a, b in pairs if b])))
+    for model, _ in [m for m in models if not m[1]]:
+        for base, _ in [m for m in models if m[1]]:
+            for precision in precisions:
+                pairs = [(r, find(base, True, r.get("round", 0), precision)) for r in rows
+                         if (r["model"], r["baseline"], r["precision"]) == (model, False, precision)]
+                out.append(dict(model=model, of=precision, over=f"{base} (timm), {precision}",
+                                **_ratio_stats([(a, b) for a, b in pairs if b])))
+    return out
+
+
+def format_ratio_table(rows: list[dict], precisions: list[str]) -> str:
+    """The relative speeds of :func:`speed_ratios`, median (min-max) over the rounds, as a markdown table."""
+    def cell(stat):
+        return "" if not stat else f"{stat['median']:.2f}x ({stat['min']:.2f}-{stat['max']:.2f}, {stat['n']} rounds)"
+
+    body = [[e["model"], f"{e['of']} over {e['over']}", cell(e.get("infer")), cell(e.get("train"))]
+            for e in speed_ratios(rows, precisions)]
+    return "\n" + markdown_table(["model", "speed", "inference", "train step"], body) if body else ""
 
 
 def _run_suite(args: argparse.Namespace, patterns: list[str]) -> int:

@@ -397,7 +397,11 @@ def benchmark(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=POSITIVE, default=None, metavar="S",
                         help="input resolution (default: the model's test input size)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="numeric precision")
-    add_amp_flag(parser, alone="fp16")  # --amp NAME: the autocast precisions, spelled as in every command
+    add_amp_flag(parser, alone="fp16", many=True)  # the autocast precisions, spelled as in every command
+    parser.add_argument("--rounds", type=POSITIVE, default=1, metavar="N",
+                        help="repeat every run N times, alternating the order of the --amp precisions each round "
+                             "(A B, B A, ...), and print each precision's speed relative to the first as the "
+                             "median (min-max) of the per-round ratios: the way to compare on a noisy machine")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     parser.add_argument("--torchcompile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         metavar="MODE", help=f"torch.compile the model (inductor), mode: {', '.join(COMPILE_MODES)}")
@@ -409,6 +413,8 @@ def benchmark(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="classifier size (0: none; default: the model's)")
     parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra model constructor arguments, e.g. drop_path_rate=0.1")
+    parser.add_argument("--baseline-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="constructor arguments of the --baseline models, e.g. reg_tokens=1")
     parser.add_argument("--threads", type=POSITIVE, default=None, metavar="N",
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-retry", action="store_true", help="do not retry smaller batches on out-of-memory")

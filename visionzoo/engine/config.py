@@ -45,8 +45,10 @@ def amp_name(value, true_means: str = "bf16") -> str:
     return name
 
 
-def add_amp_flag(parser: argparse.ArgumentParser, dest: str = "amp", default=None, alone: str = "bf16") -> None:
-    """``--amp {auto,bf16,fp16,fp32}`` (``--amp`` alone: ``alone``), the same flag in every command."""
+def add_amp_flag(parser: argparse.ArgumentParser, dest: str = "amp", default=None, alone: str = "bf16",
+                 many: bool = False) -> None:
+    """``--amp {auto,bf16,fp16,fp32}`` (``--amp`` alone: ``alone``), the same flag in every command; ``many``: a
+    list of precisions (``--amp fp32 bf16``; ``--amp`` alone: ``[alone]``), for tools that compare them."""
     def parse(text: str) -> str:
         try:
             return amp_name(text, alone)
@@ -54,11 +56,18 @@ def add_amp_flag(parser: argparse.ArgumentParser, dest: str = "amp", default=Non
             raise argparse.ArgumentTypeError(str(e)) from None
 
     parse.__name__ = "precision"
-    parser.add_argument("--amp", dest=dest, nargs="?", const=alone, default=default, type=parse,
-                        metavar="{" + ",".join(AMP_CHOICES) + "}",
-                        help=f"precision: bf16 / fp16 autocast, fp32, or auto (bf16 where the CPU/GPU computes it "
-                             f"natively, else fp32); --amp alone: {alone} (default: "
-                             f"{default or 'the recipe or config value, else fp32'})")
+    nargs = dict(nargs="*", action=_AmpList, const=[alone]) if many else dict(nargs="?", const=alone)
+    parser.add_argument("--amp", dest=dest, default=default, type=parse, metavar="{" + ",".join(AMP_CHOICES) + "}",
+                        help=f"precision{'s' if many else ''}: bf16 / fp16 autocast, fp32, or auto (bf16 where the "
+                             f"CPU/GPU computes it natively, else fp32); --amp alone: {alone} (default: "
+                             f"{default or 'the recipe or config value, else fp32'})", **nargs)
+
+
+class _AmpList(argparse.Action):
+    """``--amp A B ...`` as a list; ``--amp`` alone: the ``const`` list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(values) or list(self.const))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..errors import UserError
+from ._attention import sdpa
 from ._registry import accepts_factory_kwargs, factory_kwargs_of, is_tracing, unwrap_state_dict
 
 __all__ = ["CSWinTransformer", "CSWinBlock", "GroupConvMlp", "channel_shuffle", "checkpoint_filter_fn"]
@@ -105,7 +106,7 @@ class LePEAttention(nn.Module):
         # LePE: depthwise conv on V inside each window (zero padding at the window border)
         lepe = self.get_v(vw.transpose(1, 2).reshape(n_win, C, hs, ws)).flatten(2).transpose(1, 2)
         qh, kh, vh = (t.reshape(n_win, hs * ws, nh, e).transpose(1, 2) for t in (qw, kw, vw))
-        out = F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(n_win, hs * ws, C) + lepe
+        out = sdpa(qh, kh, vh).transpose(1, 2).reshape(n_win, hs * ws, C) + lepe
         out = out.reshape(B, H // hs, W // ws, hs, ws, C).permute(0, 1, 3, 2, 4, 5)
         return out.reshape(B, H, W, C)
 

@@ -34,6 +34,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..errors import UserError
+from ._attention import sdpa
 from ._registry import accepts_factory_kwargs, factory_context, factory_kwargs_of, is_tracing, unwrap_state_dict
 
 __all__ = ["GPViT", "checkpoint_filter_fn"]
@@ -171,7 +172,7 @@ class StripeAttention(nn.Module):
         # LePE: V as a batch of (half, hs, ws) channels-last images.
         pe = lepe(v.reshape(n, hs, ws, half).permute(0, 3, 1, 2))
         pe = pe.permute(0, 2, 3, 1).reshape(n, hs * ws, half)
-        o = F.scaled_dot_product_attention(_sdpa_heads(q, nh), _sdpa_heads(k, nh), _sdpa_heads(v, nh))
+        o = sdpa(_sdpa_heads(q, nh), _sdpa_heads(k, nh), _sdpa_heads(v, nh))
         return pe + o.transpose(1, 2).reshape(n, hs * ws, half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +271,7 @@ class GroupingAttention(nn.Module):
         q = _sdpa_heads(self.norm_q(tokens), self.num_heads).expand(B, -1, -1, -1)
         kin = self.norm_k(x)
         k = _sdpa_heads(self.k_proj(kin), self.num_heads)
-        return _merge_heads(F.scaled_dot_product_attention(q, k, _sdpa_heads(kin, self.num_heads)))
+        return _merge_heads(sdpa(q, k, _sdpa_heads(kin, self.num_heads)))
 
     @torch.no_grad()
     def attention_weights(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -320,7 +321,7 @@ class UngroupingAttention(nn.Module):
         B, M, C = g.shape
         q = _sdpa_heads(self.q(self.norm_q(x)), self.num_heads)
         kv = self.kv(self.norm_k(g)).view(B, M, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        o = _merge_heads(F.scaled_dot_product_attention(q, kv[0], kv[1]))
+        o = _merge_heads(sdpa(q, kv[0], kv[1]))
         # official: fuse(cat[x, drop_path(proj(o))]). The half of fuse that reads the attention is folded into proj
         # (exact, as drop_path scales per sample): one (N x C x C) GEMM less and no concat.
         w_x, w_a = self.fuse.weight.split(C, dim=1)
@@ -400,7 +401,7 @@ class AttentionPoolNeck(nn.Module):
             return _ref_merge_heads(_ref_attention(q, _ref_split_heads(self.k_proj(x), self.num_heads),
                                                    _ref_split_heads(x, self.num_heads))).reshape(B, C)
         q = _sdpa_heads(self.norm(self.token), self.num_heads).expand(B, -1, -1, -1)
-        o = F.scaled_dot_product_attention(q, _sdpa_heads(self.k_proj(x), self.num_heads), _sdpa_heads(x, self.num_heads))
+        o = sdpa(q, _sdpa_heads(self.k_proj(x), self.num_heads), _sdpa_heads(x, self.num_heads))
         return o.reshape(B, C)
 
 

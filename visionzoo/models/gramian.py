@@ -33,6 +33,7 @@ from timm.models.convnext import ConvNeXtStage
 from torch import nn
 
 from ..errors import UserError
+from ._attention import sdpa
 from ._registry import accepts_factory_kwargs, factory_context, factory_kwargs_of, is_tracing, unwrap_state_dict
 from .cswin import CSWinBlock, CSWinTransformer, channel_shuffle, linspace
 
@@ -552,7 +553,7 @@ class GramianHeads(nn.Module):
             q = F.linear(u[:, :1], self.attn_q.weight[k]).reshape(B, 1, h, E // h).transpose(1, 2)
             kk = F.linear(u, self.attn_k.weight[k]).reshape(B, -1, h, E // h).transpose(1, 2)
             vv = F.linear(u, self.attn_v.weight[k]).reshape(B, -1, h, E // h).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, kk, vv).transpose(1, 2).reshape(B, E)
+            a = sdpa(q, kk, vv).transpose(1, 2).reshape(B, E)
             c = c + self.gamma_1[k] * F.linear(a, self.attn_proj.weight[k], self.attn_proj.bias[k])
             # grouped-conv MLP with the official channel shuffle
             m = F.layer_norm(c, (D,), self.norm2.weight[k], self.norm2.bias[k], self.norm2.eps)[:, :, None, None]

@@ -75,7 +75,9 @@ class UDITask(Task):
     def train_step(self, net: nn.Module, batch, ctx: Context) -> dict:
         crops, src_maps, tgt_maps = batch
         step = self.step if self.step is not None else self.udi
-        loss, parts = step(crops, (src_maps, tgt_maps), ctx.epoch, student=net)
+        # the temperature as a tensor: a compiled step would otherwise recompile for each warm-up epoch's value
+        temp = self.udi.loss.teacher_temp_tensor(ctx.epoch)
+        loss, parts = step(crops, (src_maps, tgt_maps), ctx.epoch, student=net, teacher_temp=temp)
         return {"loss": loss, **{k: torch.as_tensor(v, device=loss.device) for k, v in parts.items()}}
 
     def before_optimizer_step(self, model: nn.Module, ctx: Context) -> None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ...errors import UserError
+from ...models._attention import sdpa
 
 # ================================================================================================================
 # networks (section 3)
@@ -100,7 +101,7 @@ class SRSModule(nn.Module):
         q = q.reshape(B, Q, h, C // h).transpose(1, 2)
         k = k.reshape(B, N, h, C // h).transpose(1, 2)
         v = v.reshape(B, N, h, C // h).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Q, C)
+        o = sdpa(q, k, v).transpose(1, 2).reshape(B, Q, C)
         return self.norm(self.proj(o) + maps @ x)
 
 

@@ -42,14 +42,19 @@ class UDILoss(nn.Module):
     def _masked_mean(x: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
         return (x * m).sum(dim) / (m.sum(dim) + 1e-5)
 
-    def forward(self, s: dict, t: dict, epoch: int):
+    def forward(self, s: dict, t: dict, epoch: int | None = None, teacher_temp: torch.Tensor | None = None):
+        """The loss at ``epoch``'s teacher temperature, or at ``teacher_temp`` (a 0-d tensor, e.g. from
+        :meth:`teacher_temp_tensor`: a compiled step then sees a tensor, not a new constant each epoch)."""
         # the softmaxes, cross-entropies and centres in fp32 under any autocast: with out_dim 65536 and a
         # teacher temperature of 0.04, bf16 logits would lose the targets' fine structure
         with fp32_island(t["g_cls"]):
-            return self._forward(s, t, epoch)
+            return self._forward(s, t, self.teacher_temp(epoch) if teacher_temp is None else teacher_temp)
 
-    def _forward(self, s: dict, t: dict, epoch: int):
-        tau = self.teacher_temp(epoch)
+    def teacher_temp_tensor(self, epoch: int) -> torch.Tensor:
+        """The teacher temperature at ``epoch`` as an fp32 0-d tensor on the centre's device."""
+        return torch.tensor(self.teacher_temp(epoch), dtype=torch.float32, device=self.center.device)
+
+    def _forward(self, s: dict, t: dict, tau):
         a = self.alpha
         c = self.center
         t_cls = t["g_cls"].float()  # [2B, 1, K], rows [v2; v1]
@@ -99,7 +104,7 @@ class UDILoss(nn.Module):
             mu2 = num / den.clamp_min(1e-6)
             self.update_center(torch.stack([mu0, mu1, mu2]))
         parts = {k: v.detach() for k, v in parts.items()}
-        parts["teacher_temp"] = torch.tensor(tau)
+        parts["teacher_temp"] = tau.detach().clone() if isinstance(tau, torch.Tensor) else torch.tensor(tau)
         return loss, parts
 
     @torch.no_grad()

@@ -54,9 +54,9 @@ class UDI(nn.Module):
         self._pairs: Optional[tuple[list, list]] = None
 
     def forward(self, crops: Sequence[torch.Tensor], maps: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
-                epoch: int, student: nn.Module | None = None):
-        """``student`` may be a DDP wrapper of ``self.student``. Returns (loss, parts) and keeps the network outputs
-        in ``self.last_outputs``."""
+                epoch: int, student: nn.Module | None = None, teacher_temp: torch.Tensor | None = None):
+        """``student`` may be a DDP wrapper of ``self.student``; ``teacher_temp`` (a 0-d tensor) replaces the
+        temperature of ``epoch``. Returns (loss, parts) and keeps the network outputs in ``self.last_outputs``."""
         src_maps, tgt_maps = maps
         n_local = len(crops) - 2
         src_g, tgt_g, tgt_l = split_maps(src_maps, tgt_maps, n_local)
@@ -64,7 +64,7 @@ class UDI(nn.Module):
             t_out = self.teacher.forward_teacher(torch.cat([crops[1], crops[0]]), tgt_g, tgt_l)
         local = torch.cat(list(crops[2:])) if n_local else None
         s_out = (student or self.student)(torch.cat([crops[0], crops[1]]), local, src_g)
-        loss, parts = self.loss(s_out, t_out, epoch)
+        loss, parts = self.loss(s_out, t_out, epoch, teacher_temp=teacher_temp)
         self.last_outputs = {"student": s_out, "teacher": t_out}
         return loss, parts
 
