@@ -357,3 +357,21 @@ def test_cpu_attention_is_fp32_under_bf16():
     assert q.grad is not None and q.grad.dtype == torch.float32
     assert sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16()).dtype == torch.bfloat16  # a bf16 model: same rule
     assert torch.equal(sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))  # fp32: untouched
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_classification_loss_is_fp32_under_bf16(smoothing):
+    # CPU autocast leaves log_softmax in bf16 (CUDA's policy runs it in fp32): the classify task hands the loss
+    # fp32 logits, so a bf16 run computes its loss and logit gradient as a GPU AMP run does
+    from visionzoo.engine.task import Context
+    from visionzoo.tasks.classify import ClassifyTask
+
+    task = ClassifyTask(TrainConfig(model="coc_test", dataset="digits", smoothing=smoothing))
+    ctx = Context(cfg=task.cfg, device=torch.device("cpu"), rank=0, world_size=1, run_dir=None)
+    task.prepare(ctx)
+    net = task.build_model(ctx)
+    batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Calls("log_softmax", "cross_entropy") as rec:
+        loss = task.train_step(net, batch, None)["loss"]
+    assert loss.dtype == torch.float32
+    assert rec.calls and all(d[0] == torch.float32 for _, d, _ in rec.calls)

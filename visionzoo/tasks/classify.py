@@ -172,7 +172,10 @@ class ClassifyTask(Task):
             images, target = self.mixup(images, target)
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return {"loss": self.loss_fn(net(images), target)}
+        logits = net(images)
+        # the loss in fp32 under any autocast: CPU autocast leaves log_softmax in bf16 (CUDA's runs it in fp32), and a
+        # bf16 loss and logit gradient slowed learning (docs/benchmarks.md, "Learning checks")
+        return {"loss": self.loss_fn(logits.float() if torch.is_tensor(logits) else logits, target)}
 
     def evaluate(self, model: nn.Module, ctx: Context) -> dict:
         cfg = self.cfg
