@@ -55,17 +55,27 @@ def test_forward_is_one_graph(name, mode):
 def test_compiled_matches_eager(name):
     torch._dynamo.reset()
     model, x = _model_and_input(name)
-    for mode in ("eval", "train"):  # train: batch statistics, BN running-stat updates; no dropout in these models
+    for m in model.modules():  # compiled dropout draws other random numbers than eager (coc_pointmlp's head)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for mode in ("eval", "train"):  # train: batch statistics, BN running-stat updates
         eager = copy.deepcopy(model).train(mode == "train")
         compiled = torch.compile(copy.deepcopy(model).train(mode == "train"))
         ref, out = eager(x), compiled(x)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        # fused kernels sum in another order: fp32 rounding differences up to ~5e-4 on these logits (GCR's)
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
         if mode == "train":  # the compiled backward gives the eager gradients
             ref.float().square().mean().backward()
             out.float().square().mean().backward()
-            for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
-                if p.grad is not None:
-                    torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
+            # each gradient against its own norm (plus 1e-3 of the whole one: a gradient that BatchNorm makes ~0,
+            # such as a bias before it, is all rounding); fp32 rounding of the fused kernels, amplified by batch-2
+            # BatchNorm, reaches ~2e-3 (coc_pointmlp; the same check in float64: 2e-11), a real error is O(1)
+            grads = [(n, p.grad, q.grad) for (n, p), q in zip(eager.named_parameters(), compiled.parameters())
+                     if p.grad is not None]
+            total = torch.cat([g.flatten() for _, g, _ in grads]).norm()
+            for n, g, h in grads:
+                err = float((h - g).norm() / (g.norm() + 1e-3 * total))
+                assert err < 5e-3, f"{n}: relative gradient error {err:.2e}"
 
 
 def test_bad_compile_mode_is_one_line(tmp_path, capsys):
