@@ -650,7 +650,7 @@ def _benchmark_job(args, name, is_baseline, device, batch_size, precision, model
         device=device, batch_size=batch_size, img_size=args.img_size, precision=precision,
         channels_last=args.channels_last, torchcompile=args.torchcompile, bench=args.bench,
         num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
-        model_kwargs=_parse_kwargs(args.baseline_kwargs) if is_baseline else model_kwargs,
+        model_kwargs=_parse_kwargs(getattr(args, "baseline_kwargs", [])) if is_baseline else model_kwargs,
         num_classes=args.num_classes, retry_oom=not args.no_retry, grad_checkpointing=args.grad_checkpointing)
     try:
         if torch.device(device).type == "cpu" and not args.in_process:
@@ -663,7 +663,7 @@ def _benchmark_job(args, name, is_baseline, device, batch_size, precision, model
         row.update(model=name, device=device, precision=precision, batch_size=batch_size,
                    error=f"{type(e).__name__}: {e}")
     row["baseline"] = is_baseline
-    row["model_kwargs"] = " ".join(args.baseline_kwargs if is_baseline else args.model_kwargs)
+    row["model_kwargs"] = " ".join(getattr(args, "baseline_kwargs", []) if is_baseline else args.model_kwargs)
     return row
 
 
