@@ -152,6 +152,22 @@ def check_state_dict_layout(
     return problems
 
 
+def check_recipe_manifest(entry: dict, recipe_of: Callable[[str], str], build: Callable, convert: Callable
+                          ) -> list[str]:
+    """What differs between a dense manifest entry's official layout and our model of the shipped recipe that
+    reproduces its ``official_config`` (``recipe_of``): ``build(recipe) -> (model, parts)`` on the meta device; the
+    converted key list one-to-one with equal shapes (``convert``), total and per-part parameter counts."""
+    from ..errors import ConfigError
+
+    try:
+        recipe = recipe_of(entry["official_config"])
+    except ConfigError as e:
+        return [str(e)]
+    model, parts = build(recipe)
+    problems = check_state_dict_layout(model, entry["state_dict"], convert, expected_params=entry.get("params"))
+    return problems + check_part_params(parts, entry, f" (recipe {recipe})")
+
+
 def check_part_params(parts: dict[str, torch.nn.Module | None], entry: dict, note: str = "") -> list[str]:
     """Problems between the parameter counts of our ``parts`` (name -> module; None counts 0) and a manifest
     entry's ``params_<name>`` (a part the entry does not count is not checked)."""

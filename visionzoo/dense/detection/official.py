@@ -470,15 +470,10 @@ def manifest_problems(name: str, entry: dict) -> list[str] | None:
     part) and the converted key list, one-to-one with equal shapes."""
     if entry.get("official_builder") != BUILDER:
         return None
-    from ...testing.parity import check_part_params, check_state_dict_layout
+    from ...testing.parity import check_recipe_manifest
 
-    try:
-        recipe = recipe_for_official_config(entry["official_config"])
-    except ConfigError as e:
-        return [str(e)]
-    layout = {k: s for k, s in entry["state_dict"]}
-    model, _ = _build(recipe, official_num_classes(layout), meta=True)
-    problems = check_state_dict_layout(model, entry["state_dict"], checkpoint_filter_fn,
-                                       expected_params=entry.get("params"))
-    parts = {part: model.get_submodule(ours) for part, ours in _PARTS.items() if f"params_{part}" in entry}
-    return problems + check_part_params(parts, entry, f" (recipe {recipe})")
+    def build(recipe):
+        model, _ = _build(recipe, official_num_classes(dict(entry["state_dict"])), meta=True)
+        return model, {part: model.get_submodule(ours) for part, ours in _PARTS.items() if f"params_{part}" in entry}
+
+    return check_recipe_manifest(entry, recipe_for_official_config, build, checkpoint_filter_fn)

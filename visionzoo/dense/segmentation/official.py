@@ -286,16 +286,12 @@ def manifest_problems(name: str, entry: dict) -> list[str] | None:
     part) and the converted key list, one-to-one with equal shapes."""
     if entry.get("official_builder") != BUILDER:
         return None
-    from ...testing.parity import check_part_params, check_state_dict_layout, meta_model
+    from ...testing.parity import check_recipe_manifest, meta_model
     from .config import SegmentationConfig
 
-    try:
-        recipe = recipe_for_official_config(entry["official_config"])
-    except ConfigError as e:
-        return [str(e)]
-    cfg = dataclasses.replace(SegmentationConfig.from_yaml(recipe), pretrained=None)
-    model = meta_model(lambda: H.build_segmentor(cfg))
-    problems = check_state_dict_layout(model, entry["state_dict"], convert_official_state,
-                                       expected_params=entry.get("params"))
-    parts = {part: getattr(model, part, None) for part in _PARTS}
-    return problems + check_part_params(parts, entry, f" (recipe {recipe})")
+    def build(recipe):
+        cfg = dataclasses.replace(SegmentationConfig.from_yaml(recipe), pretrained=None)
+        model = meta_model(lambda: H.build_segmentor(cfg))
+        return model, {part: getattr(model, part, None) for part in _PARTS}
+
+    return check_recipe_manifest(entry, recipe_for_official_config, build, convert_official_state)
