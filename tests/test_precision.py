@@ -375,3 +375,15 @@ def test_classification_loss_is_fp32_under_bf16(smoothing):
         loss = task.train_step(net, batch, None)["loss"]
     assert loss.dtype == torch.float32
     assert rec.calls and all(d[0] == torch.float32 for _, d, _ in rec.calls)
+
+
+@pytest.mark.parametrize("name,kwargs", [("udi_vit_test", {}), ("gpvit_test", {}),
+                                         ("ga_vit_small", dict(img_size=32, num_classes=10))])
+def test_every_attention_of_a_model_runs_fp32_on_cpu_under_bf16(name, kwargs):
+    # the rule of models/_attention.py holds inside timm's ViT blocks too (UDI backbone, GA's ViT trunk take our
+    # Attention as their attn_layer): no attention product of a forward+backward runs in bf16 on a CPU
+    model = visionzoo.create_model(name, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Calls("scaled_dot_product_attention") as rec:
+        out = model(torch.randn(2, 3, 32, 32))
+        out.float().sum().backward()
+    assert rec.calls and all(not on and set(d) == {torch.float32} for _, d, on in rec.calls)

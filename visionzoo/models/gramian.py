@@ -33,7 +33,7 @@ from timm.models.convnext import ConvNeXtStage
 from torch import nn
 
 from ..errors import UserError
-from ._attention import sdpa
+from ._attention import Attention, sdpa
 from ._registry import accepts_factory_kwargs, factory_context, factory_kwargs_of, is_tracing, unwrap_state_dict
 from .cswin import CSWinBlock, CSWinTransformer, channel_shuffle, linspace
 
@@ -156,6 +156,7 @@ class ViTTrunk(nn.Module):
                  drop_path_rate: float = 0., **kwargs):
         super().__init__()
         import timm
+        kwargs.setdefault('attn_layer', Attention)  # timm's, with the CPU bf16 rule of models/_attention.py
         self.model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans,
                                        img_size=img_size, drop_path_rate=drop_path_rate, dynamic_img_size=True, **kwargs)
         self.patch = self.model.patch_embed.patch_size[0]

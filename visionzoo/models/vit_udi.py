@@ -28,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import UserError
+from ._attention import Attention
 from ._registry import is_tracing
 
 __all__ = [
@@ -78,6 +79,7 @@ class UDIVisionTransformer(VisionTransformer):
         (``--finetune_head_layer 1``: hidden 2048); official checkpoints load it from ``head.0.mlp.0``."""
         kwargs.setdefault("class_token", True)
         kwargs.setdefault("no_embed_class", False)
+        kwargs.setdefault("attn_layer", Attention)  # timm's, with the CPU bf16 rule of models/_attention.py
         if not kwargs["class_token"] or kwargs["no_embed_class"]:
             raise UserError("UDIVisionTransformer needs class_token=True and no_embed_class=False "
                             "(the official layout has a pos_embed row per class token).")
