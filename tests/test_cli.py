@@ -1,7 +1,6 @@
 """The `visionzoo` command as a user meets it: fast help, listings, one-line errors for bad input."""
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -113,3 +112,23 @@ def test_profile_times_loader_and_step_of_any_task_and_writes_nothing(tmp_path, 
         m = re.search(r"loader ([\d.]+) img/s .* train step ([\d.]+) img/s over 2 batches", out)
         assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
     assert list(tmp_path.iterdir()) == []  # no run folder, no generated data left behind
+
+
+@pytest.mark.parametrize("command", [["demo"], ["train"], ["finetune", "--checkpoint", "w"], ["pretrain"],
+                                     ["detect", "train"], ["segment", "train"], ["pointcloud"]])
+def test_out_is_the_run_folder_in_every_training_command(command):
+    # one meaning of --out RUN wherever a run folder is made; before, `train --out X` reached --output (a parent
+    # folder) by argparse's prefix matching and the run landed in X/<model>-<time>
+    from visionzoo.cli import build_parser
+
+    argv = command + ["--out", "runs/a"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.out == "runs/a"
+
+
+def test_train_out_writes_the_run_into_that_folder(tmp_path):
+    run = tmp_path / "runs" / "mine"
+    assert main(["train", "--model", "coc_test", "--max-steps", "1", "-b", "8", "-j", "0", "--device", "cpu",
+                 "--out", str(run)]) == 0
+    assert (run / "summary.json").is_file() and (run / "config.yaml").is_file()
+    assert [p.name for p in run.parent.iterdir()] == ["mine"]

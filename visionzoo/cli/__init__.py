@@ -75,6 +75,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small model on the embedded digits (CPU, a few minutes)")
     p.add_argument("--output", default="runs", help="parent folder of the run directory")
+    tools.run_folder_argument(p)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--model", default=None, help="another model than the demo recipe's")
     p.add_argument("--device", default=None)
@@ -87,6 +88,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", dest="data_flag", default=None, metavar="ROOT", help="the same as the positional DATA")
     p.add_argument("--recipe", "-r", default=None, help="shipped recipe name (visionzoo list recipes) or a YAML path")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
+    tools.run_folder_argument(p)
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. model_kwargs.foo=1")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto, cuda if available)")
     tools._profile_argument(p)

@@ -6,9 +6,11 @@ from ..engine.config import config_overrides
 
 
 def cmd_train(args) -> int:
-    from ..engine.config import TrainConfig, apply_overrides, load_config
+    from ..engine.config import TrainConfig, apply_overrides, load_config, split_run_path
 
     overrides = config_overrides(args, TrainConfig)
+    if getattr(args, "out", None):
+        overrides.update(split_run_path(args.out))
     data = args.data if args.data is not None else args.data_flag
     if data == "digits":
         overrides.setdefault("dataset", "digits")
@@ -33,9 +35,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ..engine.config import load_config
+    from ..engine.config import load_config, split_run_path
 
-    overrides = {"output": args.output}
+    overrides = split_run_path(args.out) if getattr(args, "out", None) else {"output": args.output}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.model is not None:

@@ -52,7 +52,7 @@ def pretrain(parser: argparse.ArgumentParser) -> None:
                           "--set key=value (any UDIConfig field, e.g. --set eval_every=5 --set amp=false).")
     parser.add_argument("--method", default="udi", choices=METHODS, help="pretraining method (default: udi)")
     parser.add_argument("--recipe", default=None, help="UDI recipe YAML (keys = UDIConfig fields)")
-    parser.add_argument("--out", default=None, metavar="RUN", help="the run folder itself")
+    run_folder_argument(parser)
     parser.add_argument("--output", default=None,
                         help="with --experiment: the parent folder of the run folder; alone: the run folder itself "
                              "(as before). Default: runs/<model>-<time>")
@@ -196,6 +196,7 @@ def finetune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", "-r", default=None,
                         help="fine-tuning recipe (e.g. udi/finetune_vit_small); default: the built-in defaults")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its directory")
+    run_folder_argument(parser)
     parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. layer_decay=0.65")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_config_flags(parser, TrainConfig)
@@ -268,8 +269,7 @@ def detect(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a detector from a recipe")
     t.add_argument("--recipe", default=None, help="detection recipe name or YAML file (not needed with --resume)")
-    t.add_argument("--out", default=None, metavar="RUN",
-                   help="the run folder itself (= --output PARENT --experiment NAME)")
+    run_folder_argument(t)
     t.add_argument("--data", default=None, metavar="ROOT",
                    help="COCO root (annotations/ + train2017/ val2017/); the same as --data-dir")
     t.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN exactly")
@@ -308,8 +308,7 @@ def segment(parser: argparse.ArgumentParser) -> None:
                                    "--output/--experiment (or --out RUN); --resume RUN continues it exactly.")
     p.add_argument("--recipe", "-r", default=None, help="recipe name (segmentation/...) or YAML path; with --resume "
                                                         "the run's own config is used")
-    p.add_argument("--out", default=None, metavar="RUN", help="the run folder itself (= --output PARENT "
-                                                              "--experiment NAME)")
+    run_folder_argument(p)
     p.add_argument("--resume", nargs="?", const="__out__", default=None, metavar="RUN",
                    help="continue the run in folder RUN exactly (no value: the --out folder)")
     p.add_argument("--data", dest="data_flag", default=None, metavar="ROOT", help="the same as --data-dir")
@@ -357,8 +356,7 @@ def pointcloud(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", action="store_true",
                         help="use the small CPU configuration of the model (SMALL_MODEL_KWARGS)")
     parser.add_argument("--points", type=int, default=None, help="points per cloud (default 1024)")
-    parser.add_argument("--out", default=None, metavar="RUN",
-                        help="the run folder itself (= --output PARENT --experiment NAME)")
+    run_folder_argument(parser)
     parser.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN exactly")
     parser.add_argument("--checkpoint", default=None, metavar="WEIGHTS",
                         help="evaluate these weights on the test split instead of training: a run folder (best/, "
@@ -369,6 +367,13 @@ def pointcloud(parser: argparse.ArgumentParser) -> None:
     _profile_argument(parser)
     _device_arguments(parser)
     add_config_flags(parser, PointCloudConfig, skip=("dataset", "data_dir"))
+
+
+def run_folder_argument(p) -> None:
+    """``--out RUN`` of every training command: the run folder itself (``split_run_path`` makes it the
+    output/experiment fields). Without it ``--out`` would reach ``--output`` (a parent folder) by abbreviation."""
+    p.add_argument("--out", default=None, metavar="RUN", help="the run folder itself (= --output PARENT --experiment "
+                                                              "NAME)")
 
 
 def _profile_argument(p) -> None:

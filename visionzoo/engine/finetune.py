@@ -28,9 +28,11 @@ FINETUNE_DEFAULTS = dict(
 
 def build_config(args):
     from ..models import resolve_checkpoint
-    from .config import TrainConfig, apply_overrides, config_from_dict, config_overrides, load_config
+    from .config import TrainConfig, apply_overrides, config_from_dict, config_overrides, load_config, split_run_path
 
     overrides = config_overrides(args, TrainConfig)
+    if getattr(args, "out", None):
+        overrides.update(split_run_path(args.out))
     if args.data is not None:
         overrides.setdefault("data_dir", args.data)
         overrides.setdefault("dataset", "auto")
