@@ -677,3 +677,28 @@ def test_draw_predictions_marks_only_confident_detections():
     empty = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long), scores=torch.zeros(0),
                  masks=torch.zeros(0, 1, 64, 64))
     assert not np.asarray(draw_predictions(img, empty, None)).any()
+
+
+def test_boxes_are_decoded_in_fp32_under_bf16():
+    # torchvision's BoxCoder casts the reference boxes to the regression's dtype, so under bf16 autocast proposals
+    # and detections were bf16 (a corner near 1000 px moves in 4-8 px steps); ours decode in fp32 (mmdet's force_fp32)
+    from torchvision.models.detection._utils import BoxCoder
+
+    from visionzoo.dense.detection.heads import FP32BoxCoder
+
+    plain = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    anchors = torch.tensor([[1000.25, 1200.5, 1100.75, 1300.125], [3.5, 7.25, 40.0, 60.5]])
+    codes = torch.tensor([[0.1, -0.2, 0.05, 0.3], [-0.3, 0.2, 0.1, -0.1]]).bfloat16()
+    exact = plain.decode_single(codes.float(), anchors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = FP32BoxCoder.like(plain).decode_single(codes, anchors)
+        theirs = plain.decode_single(codes, anchors)
+    assert ours.dtype == torch.float32 and torch.allclose(ours, exact)
+    assert (theirs.float() - exact).abs().max() > 1  # what the plain coder gives
+    for detector in ("mask_rcnn", "retinanet"):
+        model = build_detector(_tiny(detector=detector), 3, pretrained=False).eval()
+        coders = [m.box_coder for m in model.modules() if hasattr(m, "box_coder")]
+        assert coders and all(isinstance(c, FP32BoxCoder) for c in coders), detector
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            boxes = model([torch.rand(3, 64, 64)])[0]["boxes"]
+        assert boxes.dtype == torch.float32, detector

@@ -18,6 +18,7 @@ One builder per part, used by the detectors (``model.py``) and by the official-m
   only K boxes and K masks (torchvision also predicts a box and a mask for the background; RoIHeads never read them,
   so a zero background box / mask is put in front and torchvision's RoIHeads run unchanged).
 * ``MMDetRetinaNet``: K sigmoid logits (mmdet), not K + 1; labels stay 1..K outside the model.
+* ``FP32BoxCoder``: torchvision's ``BoxCoder``, decoding in fp32 under autocast (mmdet's ``force_fp32``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
@@ -195,6 +197,28 @@ class MMDetRetinaNet(RetinaNet):
         for d in detections:
             d["labels"] = d["labels"] + 1
         return detections
+
+
+class FP32BoxCoder(BoxCoder):
+    """torchvision's ``BoxCoder`` with boxes decoded in fp32 whatever the regression's dtype. torchvision casts the
+    reference boxes to the regression's dtype, so under bf16 autocast proposals and detections were bf16: 8
+    significant bits, a corner at 64-128 px moves in 0.5 px steps and at 1024-2048 px in 8 px steps. mmdet's fp16
+    training keeps box decoding (and the losses) in fp32 the same way (``force_fp32``)."""
+
+    @classmethod
+    def like(cls, coder: BoxCoder) -> "FP32BoxCoder":
+        return cls(coder.weights, coder.bbox_xform_clip)
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return super().decode_single(rel_codes.float(), boxes.float())
+
+
+def decode_boxes_in_fp32(detector: nn.Module) -> nn.Module:
+    """Every torchvision ``BoxCoder`` of ``detector`` (RPN, RoI heads, RetinaNet) as an :class:`FP32BoxCoder`."""
+    for module in detector.modules():
+        if isinstance(getattr(module, "box_coder", None), BoxCoder):
+            module.box_coder = FP32BoxCoder.like(module.box_coder)
+    return detector
 
 
 # ----------------------------------------------------------------------------------------------------------------
