@@ -816,15 +816,3 @@ def coc_test(pretrained=False, **kwargs) -> ContextCluster:
                 proposals=(2, 2, 2, 1), folds=((2, 2), 1, 1, 1))
     return _create("coc_test", pretrained, args, kwargs)
 
-
-# the point-cloud model moved to coc_pointmlp.py; its names stay importable from here for older code
-_MOVED = ("PointContextCluster", "PointMLPCoC", "farthest_point_sample", "knn_point", "LocalGrouper",
-          "ConvBNReLU1D", "ConvBNReLURes1D", "PreExtraction", "PosExtraction")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from . import coc_pointmlp
-
-        return getattr(coc_pointmlp, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
