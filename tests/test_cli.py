@@ -86,7 +86,7 @@ def test_the_command_lines_choices_are_the_librarys():
     from visionzoo import bench
     from visionzoo.cli import tools
     from visionzoo.dense import video
-    from visionzoo.engine import features, linear, semisup, transfer
+    from visionzoo.evals import features, linear, semisup, transfer
     from visionzoo.ssl import pretrain
 
     assert tools.TOKENS == features.TOKENS and tools.AUGMENTS == linear.AUGMENTS

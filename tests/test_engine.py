@@ -67,7 +67,7 @@ def test_train_stop_mid_epoch_resume_is_exact_and_validate(tmp_path):
     assert _non_timing(read_metrics(run_ref / "metrics.csv")) == \
         _non_timing(read_metrics(Path(part["run_dir"]) / "metrics.csv"))
 
-    from visionzoo.engine.evaluate import validate
+    from visionzoo.evals.evaluate import validate
 
     res = validate(str(run_ref), data="digits", workers=0)
     assert abs(res["top1"] - round(ref["val_top1"], 3)) < 1e-3

@@ -1,4 +1,4 @@
-"""The evaluation suite: k-NN, linear probe, fine-tuning (engine/features, knn, linear, finetune) for any model."""
+"""The evaluation suite: k-NN, linear probe, fine-tuning (evals/features, knn, linear; tasks/finetune) for any model."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ import torch
 
 import visionzoo
 from visionzoo.cli import main
-from visionzoo.engine.features import extract, knn_classify, model_features, resolve_token
+from visionzoo.evals.features import extract, knn_classify, model_features, resolve_token
 
 
 def _brute_force_knn(train, ytr, test, yte, k, T, C):
@@ -253,7 +253,7 @@ def test_load_model_from_train_run_and_pretrain_run_folders(tmp_path):
     """A `visionzoo train` run folder resolves to its best/ model, rebuilt with the arguments in its config.json
     (here global_pool='avg', whose fc_norm keys a plain udi_vit_test lacks); a `visionzoo pretrain` run folder,
     whose config.json names no architecture, needs --model and says so."""
-    from visionzoo.engine.knn import load_model
+    from visionzoo.evals.knn import load_model
     from visionzoo.models import resolve_checkpoint
 
     torch.manual_seed(3)

@@ -139,7 +139,7 @@ class _Probe(torch.nn.Module):
 
 
 def test_feature_extraction_runs_in_the_precision_asked_for():
-    from visionzoo.engine.features import extract
+    from visionzoo.evals.features import extract
 
     model, loader = _Probe(), [(torch.randn(2, 4), torch.tensor([0, 1]))] * 2
     feats, _ = extract(model, loader, "cpu", token="pooled", amp="bf16")

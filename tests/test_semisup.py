@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from visionzoo.cli import tools
-from visionzoo.engine import semisup
+from visionzoo.evals import semisup
 
 
 def _parse(argv):

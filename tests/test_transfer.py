@@ -8,7 +8,7 @@ import pytest
 
 from visionzoo.cli import main
 from visionzoo.data.datasets import write_digits_folder
-from visionzoo.engine.transfer import CSV_COLUMNS, class_separation
+from visionzoo.evals.transfer import CSV_COLUMNS, class_separation
 
 
 def test_transfer_end_to_end(tmp_path):
@@ -73,8 +73,8 @@ import math  # noqa: E402
 
 import torch  # noqa: E402
 
-from visionzoo.engine.transfer import (  # noqa: E402
-    _model_tags, angle_summary, class_angle_matrix, class_representation, load_frozen_model, principal_angles, vector_angles)
+from visionzoo.evals.transfer import (_model_tags, angle_summary, class_angle_matrix,  # noqa: E402
+                                      class_representation, load_frozen_model, principal_angles, vector_angles)
 
 
 def _rot(deg, a, b, n):

@@ -30,7 +30,7 @@ def test_label_subset_is_per_class_and_deterministic():
     assert idx == _prepared(label_percent=10, seed=3).labelled[0]  # the same images for the same seed
     assert idx != _prepared(label_percent=10, seed=4).labelled[0]
     # the logistic-regression protocol (visionzoo semisup) draws the very same subset
-    from visionzoo.engine.semisup import subset_indices
+    from visionzoo.evals.semisup import subset_indices
 
     assert idx == subset_indices(labels, 10, "balanced", 3).tolist()
     assert _prepared().labelled is None  # no label_percent: every image
@@ -38,7 +38,7 @@ def test_label_subset_is_per_class_and_deterministic():
 
 def test_label_subset_file_and_bad_values(tmp_path):
     from visionzoo.data.datasets import DigitsDataset
-    from visionzoo.engine.semisup import sample_names
+    from visionzoo.evals.semisup import sample_names
 
     names = sample_names(DigitsDataset("train", img_size=8))
     (tmp_path / "sub.txt").write_text(f"{names[7]}\n{names[3]}\n")

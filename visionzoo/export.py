@@ -64,7 +64,7 @@ def build_model(model_name: str, checkpoint: str | None = None, features_only: b
                 num_classes: int | None = None, use_ema: bool = False) -> nn.Module:
     """The model to export: a name (+ weights through the project's checkpoint resolver), a save_pretrained folder
     or a run folder. The classifier takes the checkpoint's class count unless ``num_classes`` says otherwise."""
-    from .engine.evaluate import load_model_or_run
+    from .evals.evaluate import load_model_or_run
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if features_only:

@@ -17,17 +17,17 @@ from .official_flags import add_timm_aliases
 TOOLS = {
     "benchmark": ("bench", "inference/train throughput, parameters and GMACs (timm's method)"),
     "pretrain": ("ssl.pretrain", "self-supervised pretraining (--method udi) with online k-NN"),
-    "knn": ("engine.knn", "weighted k-NN accuracy of frozen features (any model)"),
-    "linear": ("engine.linear", "linear probe on frozen features (any model)"),
-    "finetune": ("engine.finetune", "fine-tune a pretrained checkpoint (layer-wise lr decay, mixup, drop path)"),
-    "transfer": ("engine.transfer", "frozen-feature transfer to other datasets: linear classifier, R^2, variability"),
+    "knn": ("evals.knn", "weighted k-NN accuracy of frozen features (any model)"),
+    "linear": ("evals.linear", "linear probe on frozen features (any model)"),
+    "finetune": ("tasks.finetune", "fine-tune a pretrained checkpoint (layer-wise lr decay, mixup, drop path)"),
+    "transfer": ("evals.transfer", "frozen-feature transfer to other datasets: linear classifier, R^2, variability"),
     "pointcloud": ("dense.pointcloud", "point-cloud classification (CoC PointMLP) on ScanObjectNN h5 files or "
                                        "embedded procedural shapes"),
     "detect": ("dense.detection", "object detection / instance segmentation (Mask R-CNN, RetinaNet) on any "
                                   "backbone: train, eval (COCO AP), visualize"),
     "segment": ("dense.segmentation", "semantic segmentation (Semantic FPN, UperNet, SegFormer head) on any "
                                       "backbone: train, eval (mIoU)"),
-    "semisup": ("engine.semisup", "semi-supervised evaluation: logistic regression on 1%%/10%% of the labels"),
+    "semisup": ("evals.semisup", "semi-supervised evaluation: logistic regression on 1%%/10%% of the labels"),
     "videoseg": ("dense.video", "video object segmentation by label propagation (DAVIS-2017 layout, J&F)"),
     "export": ("export", "a model (classifier or features_only) to ONNX or a torch.export program, verified"),
 }

@@ -56,7 +56,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from ..engine.evaluate import validate
+    from ..evals.evaluate import validate
 
     validate(args.model, data=args.dataset, data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint,
              batch_size=args.batch_size, workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,

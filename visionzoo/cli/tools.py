@@ -9,7 +9,7 @@ import argparse
 from ..engine.config import COMPILE_MODES, TrainConfig, add_amp_flag, add_config_flags
 from .official_flags import add_timm_aliases
 
-# the library's choices (visionzoo.engine.features.TOKENS, engine.linear.AUGMENTS, ...; tests/test_cli.py compares)
+# the library's choices (visionzoo.evals.features.TOKENS, evals.linear.AUGMENTS, ...; tests/test_cli.py compares)
 TOKENS = ("auto", "cls", "cls+", "both", "pooled")
 AUGMENTS = ("simple", "strong", "none")
 SAMPLINGS = ("balanced", "random")

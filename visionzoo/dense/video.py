@@ -352,7 +352,7 @@ def target_size(h: int, w: int, short_side: int, multiple: int, patch: int) -> t
 def load_vit(model_name: str | None, checkpoint: str | None, seed: int = 0):
     """A ViT for dense features at any input size (``dynamic_img_size``), from a name and/or weights (any weights
     ``visionzoo knn`` accepts, a ``visionzoo pretrain`` run folder included)."""
-    from ..engine.knn import load_model
+    from ..evals.knn import load_model
 
     try:
         model = load_model(model_name, checkpoint, num_classes=0, seed=seed, dynamic_img_size=True)
@@ -692,7 +692,7 @@ def run(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if args.topk < 1 or args.temperature <= 0 or args.size_multiple < 1 or args.batch_size < 1:
         raise UserError("--topk, --size-multiple and --batch-size must be >= 1 and --temperature > 0")
-    from ..engine.knn import resolve_device
+    from ..evals.knn import resolve_device
     from ..engine.precision import describe
 
     root = _resolve_data(args, args.out)

@@ -27,7 +27,7 @@ _AMP_SPELLINGS = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "amp_bfloa
                   "float16": "fp16", "half": "fp16", "fp32": "fp32", "float32": "fp32", "none": "fp32",
                   "false": "fp32", "off": "fp32", "no": "fp32", "0": "fp32"}
 _AMP_TRUE = ("true", "on", "yes", "1")
-# how a labelled subset is drawn (TrainConfig.label_sampling, `visionzoo semisup --sampling`; engine/semisup.py)
+# how a labelled subset is drawn (TrainConfig.label_sampling, `visionzoo semisup --sampling`; evals/semisup.py)
 LABEL_SAMPLINGS = ("balanced", "random")
 
 
@@ -300,7 +300,7 @@ class TrainConfig(RunConfig):
     drop_path: float | None = None
     drop: float | None = None
     aug_repeats: int = 0  # repeated augmentation (DeiT/RSB RepeatAugSampler): each image this many times per epoch
-    # semi-supervised fine-tuning: train on a labelled subset of the train split only (engine/semisup.py draws it)
+    # semi-supervised fine-tuning: train on a labelled subset of the train split only (evals/semisup.py draws it)
     label_percent: float | None = None  # keep the labels of this % of the train split; None: every image
     label_sampling: str = "balanced"  # balanced: round(p % of each class), at least 1 | random: p % uniformly
     label_subset_file: str | None = None  # file names of the subset, one a line (SimCLRv2 1percent.txt); wins

@@ -317,7 +317,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from ..engine import transfer
+    from ..evals import transfer
 
     t_start = time.time()
     out = os.path.abspath(args.out)
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
         w.writerows(rows)
 
     # heat maps of the first seed of every head in one figure (the CLI names them by model tag)
-    from ..engine.transfer import _model_tags
+    from ..evals.transfer import _model_tags
 
     tags = _model_tags([r["model"] for r in runs])
     first = [i for i, r in enumerate(runs) if r["seed"] == args.seeds[0]]

@@ -9,11 +9,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..engine.config import TrainConfig
-from ..engine.evaluate import evaluate, per_class_report
 from ..engine.loop import NonFiniteLossError, fit  # noqa: F401  (NonFiniteLossError re-exported for callers)
 from ..engine.schedule import timm_schedule
 from ..engine.task import Context, Task
 from ..errors import UserError
+from ..evals.evaluate import evaluate, per_class_report
 
 # loss name -> "module:class" of a family loss taking (smoothing=..., **loss_kwargs)
 LOSSES = {"ga": "visionzoo.models.gramian:GALoss"}
@@ -118,7 +118,7 @@ class ClassifyTask(Task):
         self.num_classes = n_data if cfg.num_classes is None else cfg.num_classes  # None: from the data
         self.labelled = None  # semi-supervised fine-tuning: (indices, description) of the labelled train subset
         if cfg.label_percent is not None or cfg.label_subset_file:
-            from ..engine.semisup import labelled_subset
+            from ..evals.semisup import labelled_subset
 
             subset, how = labelled_subset(probe, cfg.label_percent, cfg.label_sampling, cfg.seed,
                                           cfg.label_subset_file)
@@ -148,7 +148,7 @@ class ClassifyTask(Task):
         self.val_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, transform=eval_tf)
         check_same_classes({cfg.train_split: self.train_set, cfg.val_split: self.val_set})
         if self.labelled is not None:
-            from ..engine.semisup import LabelledSubset
+            from ..evals.semisup import LabelledSubset
 
             self.train_set = LabelledSubset(self.train_set, self.labelled[0])
         self.data_config = {"input_size": (3, eval_size, eval_size), "crop_pct": crop_pct, "mean": data_cfg["mean"],

@@ -51,7 +51,7 @@ class Probe(nn.Module):
             p.requires_grad_(False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        from ..engine.features import model_features
+        from ..evals.features import model_features
 
         if self.cached:
             return x
@@ -68,13 +68,13 @@ class LinearProbeTask(Task):
     best_metric = "top1"
 
     def prepare(self, ctx: Context) -> None:
-        from ..engine.knn import check_data
+        from ..evals.knn import check_data
 
         check_data(self.cfg)
 
     def build_model(self, ctx: Context) -> nn.Module:
-        from ..engine.features import extract, resolve_token
-        from ..engine.knn import eval_datasets, load_model, loader
+        from ..evals.features import extract, resolve_token
+        from ..evals.knn import eval_datasets, load_model, loader
 
         cfg = self.cfg
         backbone = load_model(cfg.model, cfg.checkpoint, seed=cfg.seed).to(ctx.device).eval()

@@ -27,8 +27,9 @@ FINETUNE_DEFAULTS = dict(
 
 
 def build_config(args):
+    from ..engine.config import (TrainConfig, apply_overrides, config_from_dict, config_overrides, load_config,
+                                 split_run_path)
     from ..models import resolve_checkpoint
-    from .config import TrainConfig, apply_overrides, config_from_dict, config_overrides, load_config, split_run_path
 
     overrides = config_overrides(args, TrainConfig)
     if getattr(args, "out", None):
@@ -53,7 +54,7 @@ def build_config(args):
 
 def run(args) -> int:
     cfg = build_config(args)
-    from ..tasks.classify import train
+    from .classify import train
 
     summary = train(cfg, resume=args.resume, device=args.device)
     best = summary.get("best_top1")

@@ -357,7 +357,7 @@ def _check_datasets(specs) -> None:
 
 
 def _extract(model, dataset, batch_size, workers, device, amp="fp32"):
-    """Pooled pre-logits features as numpy arrays (``engine.features.extract`` with ``token='pooled'``)."""
+    """Pooled pre-logits features as numpy arrays (``evals.features.extract`` with ``token='pooled'``)."""
     import numpy as np
 
     from .features import extract
@@ -406,7 +406,7 @@ def run(args) -> int:
 
     from ..data.datasets import build_dataset
     from ..data.transforms import build_eval_transform
-    from .precision import describe
+    from ..engine.precision import describe
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     os.makedirs(args.out, exist_ok=True)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum
-from .precision import autocast_context, describe
+from ..engine.distributed import all_reduce_sum
+from ..engine.precision import autocast_context, describe
 
 _logger = logging.getLogger("visionzoo")
 

@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..engine.precision import autocast_context
 from ..errors import UserError
-from .precision import autocast_context
 
 TOKENS = ("auto", "cls", "cls+", "both", "pooled")
 

@@ -33,8 +33,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..engine.config import LABEL_SAMPLINGS as SAMPLINGS
 from ..errors import InputNotFoundError, UserError
-from .config import LABEL_SAMPLINGS as SAMPLINGS
 from .knn import check_data, eval_datasets, load_model, loader, resolve_device, write_results
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,8 +184,8 @@ def evaluate_lambdas(train_feats, train_labels, val_feats, val_labels, lambdas, 
 # ----------------------------------------------------------------------------------------------------------------
 
 def semisup_eval(model, args, device) -> dict:
+    from ..engine.precision import describe
     from .features import extract, resolve_token
-    from .precision import describe
 
     token = resolve_token(model, args.token)
     n_blocks = args.n_last_blocks

@@ -103,8 +103,8 @@ def write_results(out: str | None, name: str, rows: list[dict], summary: dict) -
 
 def knn_eval(model, args, device) -> dict:
     """{"token": ..., "results": {k: {"top1", "top5"}}, "num_train", "num_val", "feature_dim"}."""
+    from ..engine.precision import describe
     from .features import extract, knn_classify, resolve_token
-    from .precision import describe
 
     token = resolve_token(model, args.token)
     data = eval_datasets(args, model)
