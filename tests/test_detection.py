@@ -679,26 +679,31 @@ def test_draw_predictions_marks_only_confident_detections():
     assert not np.asarray(draw_predictions(img, empty, None)).any()
 
 
-def test_boxes_are_decoded_in_fp32_under_bf16():
-    # torchvision's BoxCoder casts the reference boxes to the regression's dtype, so under bf16 autocast proposals
-    # and detections were bf16 (a corner near 1000 px moves in 4-8 px steps); ours decode in fp32 (mmdet's force_fp32)
+def test_head_predictions_are_fp32_under_bf16():
+    # mmdet's force_fp32: the heads' convs run in bf16, but their predictions reach the losses, the box decoding, the
+    # scores, top-k and NMS as fp32. torchvision's BoxCoder casts the reference boxes to the regression's dtype, so
+    # with bf16 predictions the proposals and detections were bf16 (a corner near 1000 px moves in 4-8 px steps)
     from torchvision.models.detection._utils import BoxCoder
 
-    from visionzoo.dense.detection.heads import FP32BoxCoder
-
-    plain = BoxCoder((10.0, 10.0, 5.0, 5.0))
-    anchors = torch.tensor([[1000.25, 1200.5, 1100.75, 1300.125], [3.5, 7.25, 40.0, 60.5]])
-    codes = torch.tensor([[0.1, -0.2, 0.05, 0.3], [-0.3, 0.2, 0.1, -0.1]]).bfloat16()
-    exact = plain.decode_single(codes.float(), anchors)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = FP32BoxCoder.like(plain).decode_single(codes, anchors)
-        theirs = plain.decode_single(codes, anchors)
-    assert ours.dtype == torch.float32 and torch.allclose(ours, exact)
-    assert (theirs.float() - exact).abs().max() > 1  # what the plain coder gives
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    anchors = torch.tensor([[1000.25, 1200.5, 1100.75, 1300.125]])
+    codes = torch.tensor([[0.1, -0.2, 0.05, 0.3]]).bfloat16()
+    assert (coder.decode_single(codes, anchors).float() - coder.decode_single(codes.float(), anchors)).abs().max() > 1
     for detector in ("mask_rcnn", "retinanet"):
-        model = build_detector(_tiny(detector=detector), 3, pretrained=False).eval()
-        coders = [m.box_coder for m in model.modules() if hasattr(m, "box_coder")]
-        assert coders and all(isinstance(c, FP32BoxCoder) for c in coders), detector
+        model = build_detector(_tiny(detector=detector), 3, pretrained=False)
+        seen = []
+        for name, module in model.named_modules():
+            if name in ("rpn.head", "roi_heads.box_predictor", "roi_heads.mask_predictor", "head"):
+                module.register_forward_hook(lambda m, a, out: seen.append(out))
+        target = dict(boxes=torch.tensor([[8.0, 10.0, 40.0, 44.0]]), labels=torch.tensor([1]),
+                      masks=torch.zeros(1, 64, 64, dtype=torch.uint8))
+        target["masks"][0, 10:44, 8:40] = 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model([torch.rand(3, 64, 64)], [target])
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), detector
+        model.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            boxes = model([torch.rand(3, 64, 64)])[0]["boxes"]
-        assert boxes.dtype == torch.float32, detector
+            out = model([torch.rand(3, 64, 64)])[0]
+        assert out["boxes"].dtype == out["scores"].dtype == torch.float32, detector
+        leaves = [t for o in seen for t in torch.utils._pytree.tree_leaves(o) if isinstance(t, torch.Tensor)]
+        assert leaves and all(t.dtype == torch.float32 for t in leaves), detector

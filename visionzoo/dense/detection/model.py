@@ -148,7 +148,7 @@ def build_detector(cfg: DetectionConfig, num_classes: int, pretrained: bool = Tr
     """A torchvision MaskRCNN / RetinaNet with mmdet's parts (``heads.py``) on the config's backbone.
     ``num_classes`` excludes the background."""
     from .heads import (MMDetBoxPredictor, MMDetMaskPredictor, MMDetRetinaNet, anchor_generator, build_box_head,
-                        build_mask_head, build_retina_head, build_rpn_head, decode_boxes_in_fp32)
+                        build_mask_head, build_retina_head, build_rpn_head, predictions_in_fp32)
 
     backbone, strides = _backbone_with_fpn(cfg, pretrained)
     mean, std = list(backbone.body.mean), list(backbone.body.std)
@@ -191,4 +191,4 @@ def build_detector(cfg: DetectionConfig, num_classes: int, pretrained: bool = Tr
     # pad to the backbone's size divisor (CoC folds, CSWin stripes, 32 for the pyramid), not torchvision's fixed 32
     model.transform = MMDetTransform(min_size, long_max, mean, std, size_divisible=backbone.body.size_divisor)
     model.classes = None
-    return decode_boxes_in_fp32(model)
+    return predictions_in_fp32(model)
