@@ -562,6 +562,9 @@ def _isolated_child() -> None:
     line (an error as ``{"error": ..., "user_error": ...}``)."""
     import json
 
+    from .engine.distributed import keep_freed_heap
+
+    keep_freed_heap()  # the heap policy of the command that started this process
     kwargs = json.loads(sys.stdin.read())
     threads = kwargs.pop("threads", None)
     if threads:

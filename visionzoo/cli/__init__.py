@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         from .. import models  # noqa: F401  registers our models into timm (deferred so that --help stays fast)
+        from ..engine.distributed import keep_freed_heap
+
+        keep_freed_heap()
 
         with _quiet_unless_rank_zero():
             return int(args.func(args) or 0)

@@ -1,6 +1,8 @@
-"""torchrun / SLURM environment detection and the few collectives the engine needs (nanoGPT / timm style)."""
+"""Process set-up: torchrun / SLURM environment detection and the few collectives the engine needs (nanoGPT / timm
+style), and the CPU heap policy of every `visionzoo` command (:func:`keep_freed_heap`)."""
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -104,3 +106,24 @@ def broadcast_object(obj):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_heap() -> bool:
+    """Keep freed CPU memory in the process instead of handing it back to the system after every step (glibc).
+
+    By default glibc maps large tensors with their own mmap and trims the heap when its free top grows, so every
+    step's activations are unmapped on free and page-faulted (and zeroed) back on the next step: at batch 8 that was
+    about 40% of a coc_tiny bf16 forward here (docs/benchmarks.md, "The CPU heap"). Tensors up to 32 MiB (glibc's
+    largest mmap threshold) then come from the heap, which is never trimmed: the process keeps its peak, as
+    PyTorch's CUDA caching allocator does on GPUs (jemalloc / tcmalloc, the usual advice for PyTorch on CPUs, do
+    the same). ``VISIONZOO_KEEP_HEAP=0`` keeps glibc's defaults. Returns whether the policy is in force."""
+    if os.environ.get("VISIONZOO_KEEP_HEAP", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): another allocator, left as it is
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
