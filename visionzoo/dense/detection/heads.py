@@ -207,8 +207,8 @@ def predictions_in_fp32(detector: nn.Module) -> nn.Module:
     """The head predictions of ``detector`` (RPN, box and mask predictors, RetinaNet head) handed on as fp32, as
     mmdet's fp16 training does (``force_fp32`` on ``loss`` and ``get_bboxes``): the convs and linears run in the
     autocast dtype, the losses, box decoding, sigmoid / softmax scores, top-k and NMS after them in fp32. Under bf16
-    they were bf16: a box corner decoded near 1000 px moved in 4-8 px steps and scores above 0.998 tied at 1.0, and a
-    Mask R-CNN trained on the CPU shapes recipe in bf16 ended 0.03-0.05 box AP below fp32."""
+    they were bf16: a box corner decoded near 1000 px moved in 4-8 px steps and scores above 0.998 tied at 1.0
+    (the Mask R-CNN learning check in bf16: docs/benchmarks.md)."""
     heads = (RPNHead, RetinaNetHead, MMDetBoxPredictor, MMDetMaskPredictor)
     for module in detector.modules():
         if isinstance(module, heads):
