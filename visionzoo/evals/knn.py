@@ -117,16 +117,21 @@ def knn_eval(model, args, device) -> dict:
             "feature_dim": int(ftr.shape[1]), "precision": describe(amp, device)}
 
 
+def frozen_model(args):
+    """The start of every frozen-feature command: data checked, then (model in eval mode, device, its name)."""
+    check_data(args)
+    device = resolve_device(args.device)
+    model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()
+    return model, device, args.model or model.pretrained_cfg.get("architecture", "model")
+
+
 def run(args) -> int:
     if args.temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
     if min(args.nb_knn) < 1:
         raise UserError(f"--nb-knn values must be >= 1, got {args.nb_knn}")
-    check_data(args)
-    device = resolve_device(args.device)
-    model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()
+    model, device, name = frozen_model(args)
     res = knn_eval(model, args, device)
-    name = args.model or model.pretrained_cfg.get("architecture", "model")
     print(f"k-NN on {args.data} ({res['num_train']} train / {res['num_val']} val, token {res['token']}, "
           f"{res['feature_dim']}-d, T={args.temperature}, {res['precision']}) for {name}"
           + (f" from {args.checkpoint}" if args.checkpoint else " (random init)"))

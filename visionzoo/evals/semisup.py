@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..engine.config import LABEL_SAMPLINGS as SAMPLINGS
 from ..errors import InputNotFoundError, UserError
-from .knn import check_data, eval_datasets, load_model, loader, resolve_device, write_results
+from .knn import eval_datasets, frozen_model, loader, write_results
 
 # ----------------------------------------------------------------------------------------------------------------
 # subset
@@ -215,11 +215,8 @@ def run(args) -> int:
         raise UserError("--n-last-blocks and --max-iter must be >= 1")
     if args.subset_file is None and not 0 < args.percent <= 100:
         raise UserError(f"--percent must be in (0, 100], got {args.percent}")
-    check_data(args)
-    device = resolve_device(args.device)
-    model = load_model(args.model, args.checkpoint, seed=args.seed).to(device).eval()
+    model, device, name = frozen_model(args)
     res = semisup_eval(model, args, device)
-    name = args.model or model.pretrained_cfg.get("architecture", "model")
     print(f"semi-supervised logistic regression on {args.data} for {name}"
           + (f" from {args.checkpoint}" if args.checkpoint else " (random init)")
           + f": {res['subset']}, {res['num_train']} of {res['num_train_split']} train images "
