@@ -126,9 +126,34 @@ def test_out_is_the_run_folder_in_every_training_command(command):
     assert args.out == "runs/a"
 
 
-def test_train_out_writes_the_run_into_that_folder(tmp_path):
+def _every_parser(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, __import__("argparse")._SubParsersAction):
+            for child in action.choices.values():
+                yield from _every_parser(child)
+
+
+def test_no_command_matches_a_flag_by_its_prefix():
+    # a prefix is an error, not a silent other flag: `--outp X` must not become `--output X`
+    from visionzoo.cli import TOOLS, build_parser
+
+    for name in ["train", *TOOLS]:  # a tool's flags exist only in the parser built for it
+        for parser in _every_parser(build_parser([name])):
+            assert parser.allow_abbrev is False, parser.prog
+    r = _run("train", "--model", "coc_test", "--outp", "x")
+    assert r.returncode == 2 and "--outp" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_train_out_writes_the_run_into_that_folder(tmp_path, capsys):
     run = tmp_path / "runs" / "mine"
     assert main(["train", "--model", "coc_test", "--max-steps", "1", "-b", "8", "-j", "0", "--device", "cpu",
                  "--out", str(run)]) == 0
     assert (run / "summary.json").is_file() and (run / "config.yaml").is_file()
     assert [p.name for p in run.parent.iterdir()] == ["mine"]
+    # the engine's last line, the same in every task: the folder and what it now holds
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"run folder: {run}  (" in last
+    listed = last.split("  (", 1)[1].rstrip(")").split(", ")
+    assert set(listed) == {p.name + "/" if p.is_dir() else p.name for p in run.iterdir() if p.name != ".lock"}
+    assert {"best/", "last/", "config.yaml", "summary.json", "train_state.pt"} <= set(listed)

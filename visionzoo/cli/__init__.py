@@ -12,10 +12,10 @@ from . import tools
 from .commands import cmd_demo, cmd_list, cmd_to_lmdb, cmd_train, cmd_validate, cmd_visualize
 from .official_flags import add_timm_aliases
 
-# The tools: name -> (the module that runs them, its help line). Their flags are in cli/tools.py (the function
+# The tools: name -> (the module whose run(args) runs them, or "module:function", its help line). Their flags are in cli/tools.py (the function
 # named like the tool), torch-free; the module is imported only when its command runs.
 TOOLS = {
-    "benchmark": ("bench", "inference/train throughput, parameters and GMACs (timm's method)"),
+    "benchmark": ("cli.commands:cmd_benchmark", "inference/train throughput, parameters and GMACs (timm's method)"),
     "pretrain": ("ssl.pretrain", "self-supervised pretraining (--method udi) with online k-NN"),
     "knn": ("evals.knn", "weighted k-NN accuracy of frozen features (any model)"),
     "linear": ("evals.linear", "linear probe on frozen features (any model)"),
@@ -33,11 +33,12 @@ TOOLS = {
 }
 
 
-def _tool_runner(module: str):
+def _tool_runner(target: str):
     def run(args) -> int:
         import importlib
 
-        return int(importlib.import_module(f"visionzoo.{module}").run(args) or 0)
+        module, _, function = target.partition(":")
+        return int(getattr(importlib.import_module(f"visionzoo.{module}"), function or "run")(args) or 0)
 
     return run
 
@@ -48,6 +49,11 @@ class _Parser(argparse.ArgumentParser):
     """A usage error is one line naming the flag, and where the full usage is (not a screen of usage)."""
 
     argv: list[str] | None = None  # set on the top-level parser: what it parses, to name the command in errors
+
+    def __init__(self, *args, **kwargs):
+        # no prefix matching: `train --out X` once meant `--output X`; a flag is its own spelling or an error
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         prefix = "unrecognized arguments: "

@@ -29,8 +29,7 @@ def cmd_train(args) -> int:
         return 0
     from ..tasks.classify import train
 
-    summary = train(cfg, resume=args.resume, device=args.device)
-    print(f"run directory: {summary['run_dir']}")
+    train(cfg, resume=args.resume, device=args.device)
     return 0
 
 
@@ -51,7 +50,6 @@ def cmd_demo(args) -> int:
     summary = train(cfg, device=args.device)
     top1 = summary.get("val_top1", float("nan"))
     print(f"\nval top-1: {top1:.2f}%  (best {summary['best_top1']:.2f}%)")
-    print(f"run directory: {summary['run_dir']}  (last/ and best/ weights, metrics.csv, curves.png, config.yaml)")
     return 0
 
 
@@ -90,3 +88,8 @@ def cmd_visualize(args) -> int:
     return importlib.import_module(f"visionzoo.viz.{module}").run(args) or 0
 
 
+def cmd_benchmark(args) -> int:
+    """`visionzoo benchmark`: models by name (visionzoo.bench), or ``--suite official`` (visionzoo.bench_official)."""
+    from .. import bench, bench_official
+
+    return (bench_official.run if args.suite else bench.run)(args)

@@ -362,7 +362,14 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
             {k: v for k, v in summary.items() if _jsonable(v)}, indent=1, default=str))
         _logger.info("done: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()
                                   if isinstance(v, (int, float, str))})
+        _logger.info("run folder: %s  (%s)", run.path, ", ".join(_run_folder_contents(run.path)))
     return summary
+
+
+def _run_folder_contents(path: Path) -> list[str]:
+    """What a finished run folder holds, for the last line of every task: folders first (``best/``, ``last/``)."""
+    entries = sorted(path.iterdir(), key=lambda p: (not p.is_dir(), p.name))
+    return [p.name + "/" if p.is_dir() else p.name for p in entries if not p.name.startswith(".")]
 
 
 def _lr_values(values: dict) -> dict:

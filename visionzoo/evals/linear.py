@@ -49,5 +49,4 @@ def run(args) -> int:
             f"lr {res['lr']:.4g} = lr_base {cfg.lr_base:g} x batch {cfg.global_batch()}/{cfg.lr_base_size}, "
             f"{cfg.epochs} epochs, augment {cfg.augment}")
     print(f"  best top-1 {res['best_top1']:.2f}%, last top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}%")
-    print(f"run directory: {res['run_dir']}")
     return 0

@@ -77,6 +77,5 @@ def run(args) -> int:
 
     print(f"UDI pretraining done: {summary.get('steps')} steps, {summary.get('epochs_done')} epochs.")
     print(f"k-NN top-1: init {fmt(summary.get('knn_init'))} -> final {fmt(summary.get('knn_final'))}")
-    print(f"run folder: {summary.get('run_dir')}  (last/ and best/: the teacher backbone; metrics.csv, curves.png, "
-          f"config.yaml, train_state.pt)")
+    print("last/ and best/ hold the teacher backbone (the weights to evaluate and fine-tune)")
     return 0

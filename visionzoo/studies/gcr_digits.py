@@ -299,7 +299,7 @@ def plot_angle_panels(matrices, titles, kinds, path: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m visionzoo.studies.gcr_digits", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--out", required=True, help="output folder (data, models, transfer/, results.csv, results.md)")
     p.add_argument("--heads", nargs="+", default=list(HEADS), help="softmax and/or gcr<k> (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per head and seed (default: 0 1)")
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
             print(f"{head} seed {seed}: val top-1 {res['val_top1']:.2f}% ({res['train_time_s']:.0f} s)", flush=True)
 
     tdir = os.path.join(out, "transfer")
-    transfer_parser = argparse.ArgumentParser()
+    transfer_parser = argparse.ArgumentParser(allow_abbrev=False)
     transfer.add_arguments(transfer_parser)
     rc = transfer.run(transfer_parser.parse_args([
         "--model", *[r["model"] for r in runs], "--checkpoint", *[r["save_dir"] for r in runs], "--datasets",

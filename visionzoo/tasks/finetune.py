@@ -60,5 +60,4 @@ def run(args) -> int:
     best = summary.get("best_top1")
     print(f"fine-tuned {cfg.model} from {cfg.initial_checkpoint}: best val top-1 "
           + ("n/a" if best is None or best < 0 else f"{best:.2f}%"))
-    print(f"run directory: {summary['run_dir']}")
     return 0

@@ -272,7 +272,7 @@ def run_paths(paths: Iterable[str | Path]) -> list[Result]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m visionzoo.testing.parity",
+        prog="python -m visionzoo.testing.parity", allow_abbrev=False,
         description="Compare our models with reference tensors from the official code (shared/fixtures format).",
     )
     parser.add_argument("paths", nargs="+", help="case .json files, manifest.json files or folders of them")

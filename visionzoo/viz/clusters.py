@@ -344,7 +344,7 @@ def draw(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="visionzoo visualize clusters",
+    parser = add_arguments(argparse.ArgumentParser(prog="visionzoo visualize clusters", allow_abbrev=False,
                                                    description="Draw a CoC block's cluster assignment."))
     run(parser.parse_args(argv))
     return 0

@@ -209,4 +209,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    run(add_arguments(argparse.ArgumentParser(prog="visionzoo visualize groups")).parse_args())
+    run(add_arguments(argparse.ArgumentParser(prog="visionzoo visualize groups", allow_abbrev=False)).parse_args())

@@ -53,8 +53,7 @@ def run(args) -> int:
                   f"epochs, batch {cfg.batch_size}/process, device {args.device}")
         from ...tasks.detect import train as train_task
 
-        summary = train_task(cfg, resume=args.resume, device=args.device, check_recipe=args.recipe is not None)
-        print(f"run directory: {summary['run_dir']}")
+        train_task(cfg, resume=args.resume, device=args.device, check_recipe=args.recipe is not None)
         return 0
     from ...engine.distributed import resolve_device
 

@@ -54,6 +54,5 @@ def run(args) -> int:
     else:
         print(f"point cloud: {cfg.model} {cfg.model_kwargs} on {cfg.dataset} ({cfg.points} points), "
               f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {args.device}")
-    summary = train(cfg, resume=args.resume, device=args.device)
-    print(f"run directory: {summary['run_dir']}")
+    train(cfg, resume=args.resume, device=args.device)
     return 0

@@ -99,8 +99,7 @@ def run(args) -> int:
         resume = _resume_path(args)
         print(f"segment: {cfg.model} + {cfg.head} on {cfg.dataset}, {cfg.steps} iterations, batch {cfg.batch_size}"
               + (f", resuming {resume}" if resume else ""))
-        summary = task.train(cfg, resume=resume, device=args.device)
-        print(f"run folder: {summary['run_dir']}")
+        task.train(cfg, resume=resume, device=args.device)
         return 0
     recipe = getattr(args, "recipe", None)
     if args.action == "eval" and not (args.checkpoint or recipe):
