@@ -598,11 +598,15 @@ def benchmark_isolated(model_name: str, threads: int | None = None, **kwargs) ->
     return row
 
 
+def model_patterns(args: argparse.Namespace) -> list[str]:
+    """The model names / patterns of ``--model`` and ``--model-list``."""
+    return list(args.model) + (_read_model_list(args.model_list) if args.model_list else [])
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run `visionzoo benchmark`; returns the exit code (1 when a model failed, 0 otherwise)."""
-    patterns = list(args.model) + (_read_model_list(args.model_list) if args.model_list else [])
-    if getattr(args, "suite", None):
-        return _run_suite(args, patterns)
+    """Run `visionzoo benchmark`; returns the exit code (1 when a model failed, 0 otherwise). ``--suite official``
+    is :func:`visionzoo.bench_official.run` instead (the command dispatches, cli/commands.py)."""
+    patterns = model_patterns(args)
     if not patterns and not args.baseline:
         raise UserError("Nothing to benchmark: pass --model NAME [NAME ...] (or --model-list FILE).")
     jobs = [(n, False) for n in resolve_model_names(patterns)]
@@ -718,23 +722,3 @@ def format_ratio_table(rows: list[dict], precisions: list[str]) -> str:
     body = [[e["model"], f"{e['of']} over {e['over']}", cell(e.get("infer")), cell(e.get("train"))]
             for e in speed_ratios(rows, precisions)]
     return "\n" + markdown_table(["model", "speed", "inference", "train step"], body) if body else ""
-
-
-def _run_suite(args: argparse.Namespace, patterns: list[str]) -> int:
-    """`visionzoo benchmark --suite official`: visionzoo.bench_official over the selected rows."""
-    from .bench_official import format_suite_table, run_suite
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = dict(batch_size=2, img_size=32, num_warm_iter=0, num_bench_iter=1) if args.smoke else {}
-    given = dict(batch_size=args.batch_size, img_size=args.img_size)
-    settings = dict(smoke, **{k: v for k, v in given.items() if v is not None})
-    if not args.smoke:  # the suite's own batch sizes unless -b; timm's step counts unless given
-        settings.update(num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter)
-    rows, failed = run_suite(device, args.variants, patterns, smoke=args.smoke, results_file=args.results_file,
-                             **settings)
-    print(format_suite_table(rows))
-    if args.results_file:
-        print(f"results appended to {args.results_file}", file=sys.stderr)
-    return 1 if failed else 0

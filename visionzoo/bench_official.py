@@ -16,6 +16,7 @@ the whole suite runs end to end on a CPU in seconds: tests/test_bench.py runs it
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import sys
 from dataclasses import dataclass, field
@@ -299,3 +300,22 @@ def run_suite(device="cpu", variants=tuple(VARIANTS), patterns=None, batch_size=
             if results_file:
                 bench.write_rows(results_file, [row], SUITE_FIELDS)
     return rows, failed
+
+
+def run(args: argparse.Namespace) -> int:
+    """`visionzoo benchmark --suite official`: the selected rows (``--model`` patterns; all without) as one table."""
+    patterns = bench.model_patterns(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = dict(batch_size=2, img_size=32, num_warm_iter=0, num_bench_iter=1) if args.smoke else {}
+    given = dict(batch_size=args.batch_size, img_size=args.img_size)
+    settings = dict(smoke, **{k: v for k, v in given.items() if v is not None})
+    if not args.smoke:  # the suite's own batch sizes unless -b; timm's step counts unless given
+        settings.update(num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter)
+    rows, failed = run_suite(device, args.variants, patterns, smoke=args.smoke, results_file=args.results_file,
+                             **settings)
+    print(format_suite_table(rows))
+    if args.results_file:
+        print(f"results appended to {args.results_file}", file=sys.stderr)
+    return 1 if failed else 0
