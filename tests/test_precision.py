@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -377,13 +378,34 @@ def test_classification_loss_is_fp32_under_bf16(smoothing):
     assert rec.calls and all(d[0] == torch.float32 for _, d, _ in rec.calls)
 
 
-@pytest.mark.parametrize("name,kwargs", [("udi_vit_test", {}), ("gpvit_test", {}),
-                                         ("ga_vit_small", dict(img_size=32, num_classes=10))])
+@pytest.mark.parametrize("name,kwargs", [
+    ("udi_vit_test", {}), ("gpvit_test", {}), ("ga_vit_small", dict(img_size=32, num_classes=10)),
+    ("deit3_small_patch16_224_gcr8", dict(img_size=32, num_classes=10, depth=2))])
 def test_every_attention_of_a_model_runs_fp32_on_cpu_under_bf16(name, kwargs):
-    # the rule of models/_attention.py holds inside timm's ViT blocks too (UDI backbone, GA's ViT trunk take our
-    # Attention as their attn_layer): no attention product of a forward+backward runs in bf16 on a CPU
+    # the rule of models/_attention.py holds inside timm's blocks too (UDI backbone and GA's ViT trunk take our
+    # Attention as their attn_layer; GCR's timm ViT backbone gets it by models._attention.follow_cpu_rule):
+    # no attention product of a forward+backward runs in bf16 on a CPU
     model = visionzoo.create_model(name, **kwargs)
+    size = kwargs.get("img_size", 32)
     with torch.autocast("cpu", dtype=torch.bfloat16), _Calls("scaled_dot_product_attention") as rec:
-        out = model(torch.randn(2, 3, 32, 32))
+        out = model(torch.randn(2, 3, size, size))
         out.float().sum().backward()
     assert rec.calls and all(not on and set(d) == {torch.float32} for _, d, on in rec.calls)
+
+
+def test_timm_attention_under_the_cpu_rule_computes_what_timms_does():
+    # follow_cpu_rule swaps the class only: in fp32 the ViT gives timm's outputs and gradients, from the same keys
+    from visionzoo.models._attention import Attention, follow_cpu_rule
+
+    torch.manual_seed(0)
+    theirs = timm.create_model("deit3_small_patch16_224", img_size=32, num_classes=3, depth=2)
+    ours = follow_cpu_rule(copy.deepcopy(theirs))
+    assert sum(type(m) is Attention for m in ours.modules()) == 2
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    out_t, out_o = theirs(x), ours(x)
+    torch.testing.assert_close(out_o, out_t, rtol=1e-5, atol=1e-5)
+    out_t.square().sum().backward()
+    out_o.square().sum().backward()
+    for (n, p), q in zip(theirs.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -6,7 +6,9 @@ for the head dims of these models (16-64). So on CPUs the attention itself runs 
 back to the precision it came in), while the projections around it keep bf16's 2-3x. GPUs are left to autocast.
 
 timm's ViT blocks (the UDI backbone, GA's ViT trunk) take :class:`Attention` as their ``attn_layer``: timm's own layer,
-same parameters and state-dict keys, with its fused product routed through :func:`sdpa`.
+same parameters and state-dict keys, with its fused product routed through :func:`sdpa`; a timm backbone built by name
+(GCR's) gets it by :func:`follow_cpu_rule`. timm's Swin window attention is left as it is: its fused path is
+experimental (off by default), and the explicit product it runs instead is bf16's fast path on CPUs.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention as _TimmAttention
 from timm.layers import register_notrace_function
+from torch import nn
 
 _REDUCED = (torch.bfloat16, torch.float16)
 
@@ -48,3 +51,12 @@ class Attention(_TimmAttention):
         if self.gate is not None:  # gated attention: the gate reads the block input
             out = out * self.gate(x).sigmoid()
         return self.proj_drop(self.proj(out))
+
+
+def follow_cpu_rule(model: nn.Module) -> nn.Module:
+    """Put the ``timm.layers.Attention`` layers of ``model`` (a timm backbone built by name) under the rule above, in
+    place: each becomes :class:`Attention` (the same parameters, buffers and keys; no change on GPUs or in fp32)."""
+    for module in model.modules():
+        if type(module) is _TimmAttention:
+            module.__class__ = Attention
+    return model

@@ -24,6 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..errors import UserError
+from ._attention import follow_cpu_rule
 from ._registry import accepts_factory_kwargs, is_tracing
 
 __all__ = ["GrassmannHead", "GrassmannClassifier", "to_grassmann", "checkpoint_filter_fn", "grassmann_heads"]
@@ -115,7 +116,7 @@ class GrassmannClassifier(nn.Module):
                 raise UserError(f"pre_logits_drop: backbone {type(backbone).__name__} has no pre_logits.drop "
                                 "(only timm VGG-style backbones have one); leave it None.")
             drop.p = float(pre_logits_drop)
-        self.backbone = backbone
+        self.backbone = follow_cpu_rule(backbone)  # timm's ViT attention: fp32 on CPUs under bf16
         self.output_fmt = getattr(backbone, "output_fmt", "NCHW")  # timm's swin: NHWC maps
         self.in_chans = getattr(backbone, "in_chans", None) or {**(backbone_kwargs or {}), **kwargs}.get("in_chans", 3)
         self.dim, self.gamma, self.drop_rate = dim, float(gamma), drop_rate
