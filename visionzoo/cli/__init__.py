@@ -12,8 +12,8 @@ from . import tools
 from .commands import cmd_demo, cmd_list, cmd_to_lmdb, cmd_train, cmd_validate, cmd_visualize
 from .official_flags import add_timm_aliases
 
-# The tools: name -> (the module whose run(args) runs them, or "module:function", its help line). Their flags are in cli/tools.py (the function
-# named like the tool), torch-free; the module is imported only when its command runs.
+# The tools: name -> (the module whose run(args) runs them, or "module:function"; its help line). Their flags are in
+# cli/tools.py (the function named like the tool), torch-free; the module is imported only when its command runs.
 TOOLS = {
     "benchmark": ("cli.commands:cmd_benchmark", "inference/train throughput, parameters and GMACs (timm's method)"),
     "pretrain": ("ssl.pretrain", "self-supervised pretraining (--method udi) with online k-NN"),

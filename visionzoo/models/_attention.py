@@ -54,8 +54,9 @@ class Attention(_TimmAttention):
 
 
 def follow_cpu_rule(model: nn.Module) -> nn.Module:
-    """Put the ``timm.layers.Attention`` layers of ``model`` (a timm backbone built by name) under the rule above, in
-    place: each becomes :class:`Attention` (the same parameters, buffers and keys; no change on GPUs or in fp32)."""
+    """Put the ``timm.layers.Attention`` layers of ``model`` (e.g. a timm backbone built by name) under the rule
+    above, in place: each becomes :class:`Attention` (the same parameters, buffers and keys; no change on GPUs or in
+    fp32)."""
     for module in model.modules():
         if type(module) is _TimmAttention:
             module.__class__ = Attention
