@@ -1,4 +1,5 @@
 """The `visionzoo` command as a user meets it: fast help, listings, one-line errors for bad input."""
+import argparse
 import subprocess
 import sys
 
@@ -129,7 +130,7 @@ def test_out_is_the_run_folder_in_every_training_command(command):
 def _every_parser(parser):
     yield parser
     for action in parser._actions:
-        if isinstance(action, __import__("argparse")._SubParsersAction):
+        if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 yield from _every_parser(child)
 
