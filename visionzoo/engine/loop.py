@@ -101,32 +101,55 @@ def fit(task: Task, resume: str | Path | None = None, device: str | None = None)
         cleanup()
 
 
-def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, stop_signal: StopSignal) -> dict:
-    dev = info.device
-    ctx = Context(cfg=cfg, device=dev, rank=info.rank, world_size=info.world_size, run_dir=run.path)
+@dataclasses.dataclass
+class Setup:
+    """What a training run is built from, the same for ``fit`` and ``--profile``."""
+    ctx: Context
+    model: nn.Module
+    trainable: nn.Module  # ``task.trainable(model)``: what the step runs and DDP wraps
+    train_set: object
+    batches: EpochBatches
+    steps_per_epoch: int
+    total_steps: int
+    lr: float
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    precision: Precision
+
+
+def set_up(task: Task, cfg, dev: torch.device, run_dir: Path, rank: int = 0, world_size: int = 1) -> Setup:
+    """Data checks, the seeded model, the sampler, the lr, the optimizer, the schedule and the precision."""
+    ctx = Context(cfg=cfg, device=dev, rank=rank, world_size=world_size, run_dir=run_dir)
     task.prepare(ctx)  # data checks first: a missing folder fails before any model is built
     seed_model_init(cfg.seed)
     model = task.build_model(ctx).to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     train_set = task.train_dataset(ctx)
-    batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, info.rank, info.world_size,
+    batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, rank, world_size,
                            getattr(cfg, "aug_repeats", 0), task.sampling, task.sample_groups())
-    accum = cfg.grad_accum_steps
-    steps_per_epoch = len(batches.epoch_batches(0)) // accum
+    steps_per_epoch = len(batches.epoch_batches(0)) // cfg.grad_accum_steps
     if steps_per_epoch == 0:
-        raise UserError(f"The training set ({len(train_set)} items over {info.world_size} process(es)) is smaller "
-                        f"than one step (batch_size {cfg.batch_size} x grad_accum_steps {accum}): lower batch_size.")
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    epochs = -(-total_steps // steps_per_epoch)
-    ctx.steps_per_epoch, ctx.total_steps = steps_per_epoch, total_steps
-
-    lr = cfg.resolved_lr(info.world_size)
+        raise UserError(f"The training set ({len(train_set)} items over {world_size} process(es)) is smaller "
+                        f"than one step (batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}): "
+                        f"lower batch_size.")
+    ctx.steps_per_epoch, ctx.total_steps = steps_per_epoch, cfg.steps or cfg.epochs * steps_per_epoch
+    lr = cfg.resolved_lr(world_size)
     optimizer = task.build_optimizer(model, lr)
     schedule = task.build_schedule(optimizer, ctx, lr)
     precision = Precision(dev, cfg.amp)
     ctx.autocast = precision.autocast
-    trainable = task.trainable(model)
+    return Setup(ctx, model, task.trainable(model), train_set, batches, steps_per_epoch, ctx.total_steps, lr,
+                 optimizer, schedule, precision)
+
+
+def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, stop_signal: StopSignal) -> dict:
+    dev = info.device
+    setup = set_up(task, cfg, dev, run.path, info.rank, info.world_size)
+    ctx, model, trainable, train_set, batches = setup.ctx, setup.model, setup.trainable, setup.train_set, setup.batches
+    optimizer, schedule, precision, lr = setup.optimizer, setup.schedule, setup.precision, setup.lr
+    steps_per_epoch, total_steps, accum = setup.steps_per_epoch, setup.total_steps, cfg.grad_accum_steps
+    epochs = -(-total_steps // steps_per_epoch)
     ema = None
     if cfg.model_ema:
         from timm.utils import ModelEmaV3

@@ -2,7 +2,8 @@
 
 The loader is timed alone (the task's dataset, sampler, collate and ``cfg.workers`` processes, as the loop builds
 them), then the train step alone (forward + backward + clipping + optimizer step + the task's after-update hook) on
-one batch held on the device. If the loader's img/s is below the step's, training waits for data: add workers or
+one batch held on the device, built by the loop's own ``set_up`` (compiled with ``--torchcompile``: the
+warm-up step compiles). If the loader's img/s is below the step's, training waits for data: add workers or
 cheapen the augmentation. No run folder is made (data a task generates goes to a temporary folder).
 """
 from __future__ import annotations
@@ -17,9 +18,9 @@ from torch.utils.data import DataLoader
 from ..errors import UserError
 from .config import RunConfig
 from .distributed import resolve_device
-from .precision import Precision
-from .sampling import EpochBatches, SeededDataset, seed_model_init
-from .task import Context, Task, to_device
+from .loop import set_up
+from .sampling import SeededDataset
+from .task import Task, to_device
 
 
 def profile(task: Task, steps: int = 10, device: str | None = None) -> dict:
@@ -34,19 +35,15 @@ def profile(task: Task, steps: int = 10, device: str | None = None) -> dict:
 
 def _profile(task: Task, steps: int, dev: torch.device, tmp: Path) -> dict:
     cfg: RunConfig = task.cfg
-    ctx = Context(cfg=cfg, device=dev, run_dir=tmp)
-    task.prepare(ctx)
-    seed_model_init(cfg.seed)
-    model = task.build_model(ctx).to(dev)
-    train_set = task.train_dataset(ctx)
-    batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, 0, 1, getattr(cfg, "aug_repeats", 0),
-                           task.sampling, task.sample_groups())
-    n_batches = len(batches.epoch_batches(0))
+    setup = set_up(task, cfg, dev, tmp)  # what ``fit`` builds, so the step timed is the step trained
+    ctx, model, optimizer, schedule, precision = setup.ctx, setup.model, setup.optimizer, setup.schedule, setup.precision
+    n_batches = len(setup.batches.epoch_batches(0))
     if n_batches < 2:
         raise UserError(f"profiling needs at least 2 batches of {cfg.batch_size}: lower batch_size.")
     steps = min(steps, n_batches - 1)
-    loader = DataLoader(SeededDataset(train_set, cfg.seed), batch_sampler=batches, num_workers=cfg.workers,
-                        collate_fn=task.collate(), generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(SeededDataset(setup.train_set, cfg.seed), batch_sampler=setup.batches,
+                        num_workers=cfg.workers, collate_fn=task.collate(),
+                        generator=torch.Generator().manual_seed(cfg.seed))
     it = iter(loader)
     first = next(it)  # worker start-up is not counted
     t0 = time.perf_counter()
@@ -56,13 +53,7 @@ def _profile(task: Task, steps: int, dev: torch.device, tmp: Path) -> dict:
     del it
 
     batch = to_device(first, dev)
-    ctx.steps_per_epoch, ctx.total_steps = n_batches, cfg.steps or cfg.epochs * n_batches
-    lr = cfg.resolved_lr()
-    optimizer = task.build_optimizer(model, lr)
-    schedule = task.build_schedule(optimizer, ctx, lr)
-    precision = Precision(dev, cfg.amp)
-    ctx.autocast = precision.autocast
-    net = task.trainable(model)
+    net = task.compile(setup.trainable, cfg.torchcompile) if cfg.torchcompile else setup.trainable
     net.train()
 
     def step(i: int) -> None:
