@@ -153,7 +153,8 @@ def test_train_out_writes_the_run_into_that_folder(tmp_path, capsys):
     assert (run / "summary.json").is_file() and (run / "config.yaml").is_file()
     assert [p.name for p in run.parent.iterdir()] == ["mine"]
     # the engine's last line, the same in every task: the folder and what it now holds
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    done, last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert "done: val_top1 " in done and "1 step, 0 epochs in" in done, done
     assert f"run folder: {run}  (" in last
     listed = last.split("  (", 1)[1].rstrip(")").split(", ")
     assert set(listed) == {p.name + "/" if p.is_dir() else p.name for p in run.iterdir() if p.name != ".lock"}

@@ -122,7 +122,7 @@ def test_linear_probe_learns_on_cached_features(tmp_path, capsys):
     assert main(["linear", "--model", "resnet10t", "--data", "digits", "--workers", "0", "--device", "cpu",
                  "--augment", "none", "--epochs", "15", "--lr", "0.2", "--batch-size", "64", "--batchnorm",
                  "--out", str(out)]) == 0
-    assert "lr 0.05 = lr_base 0.2 x batch 64/256" in capsys.readouterr().out
+    assert "lr 0.05 = lr_base 0.2 x 64/256" in capsys.readouterr().out  # the engine's header
     log = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(log) == 15
     summary = json.load(open(out / "summary.json"))

@@ -2,6 +2,7 @@
 embedded digits: outputs, exact resume (1 and 2 processes), NaN stop, refused reuse, unsafe pickles, old recipe keys
 and old run folders. Parity with the official code is covered by the fixtures (tests/test_fixtures.py)."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -79,7 +80,11 @@ def test_pretrain_cli_writes_outputs_and_refuses_reuse(tmp_path, capsys):
     loss = float(rows[1]["train_loss"])
     assert loss == loss and loss > 0  # finite
     assert {"train_g_cls", "train_g_clsp", "train_g_patch", "train_l_cls", "lr", "wd", "momentum"} <= set(rows[1])
-    assert "k-NN top-1: init" in capsys.readouterr().out
+    done, folder = capsys.readouterr().out.strip().splitlines()[-2:]  # the engine's two last lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert (f"done: knn_top1 {summary['knn_top1']:.4g} (best {summary['best']:.4g}, at start "
+                           f"{summary['knn_top1_init']:.4g}); 11 steps, 1 epoch in") in done, done
+    assert f"run folder: {out}  (best/, last/" in folder, folder
     # last/ is the teacher backbone: it loads into the registered model from the run folder
     import visionzoo
 

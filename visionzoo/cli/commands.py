@@ -47,9 +47,7 @@ def cmd_demo(args) -> int:
     from ..tasks.classify import train
 
     print(f"visionzoo demo: training {cfg.model} on the embedded scikit-learn digits ({cfg.epochs} epochs, CPU ok)")
-    summary = train(cfg, device=args.device)
-    top1 = summary.get("val_top1", float("nan"))
-    print(f"\nval top-1: {top1:.2f}%  (best {summary['best_top1']:.2f}%)")
+    train(cfg, device=args.device)  # the engine's last lines give val_top1 and the run folder
     return 0
 
 

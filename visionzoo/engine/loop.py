@@ -383,10 +383,26 @@ def _fit(task: Task, cfg, info: DistInfo, run: RunFolder, state: dict | None, st
     if info.is_main:
         atomic_write_text(run.path / "summary.json", json.dumps(
             {k: v for k, v in summary.items() if _jsonable(v)}, indent=1, default=str))
-        _logger.info("done: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()
-                                  if isinstance(v, (int, float, str))})
+        _logger.info("%s", done_line(summary, task.best_metric))
         _logger.info("run folder: %s  (%s)", run.path, ", ".join(_run_folder_contents(run.path)))
     return summary
+
+
+def done_line(summary: dict, metric: str | None) -> str:
+    """The result of a finished run in one line: the task's metric (last, best, and before training where the task
+    measures it then), steps and time. Every other number is in summary.json."""
+    def fmt(v) -> str:
+        return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    head = ""
+    if metric and summary.get(metric) is not None:
+        start = f", at start {fmt(summary[metric + '_init'])}" if metric + "_init" in summary else ""
+        head = f"{metric} {fmt(summary[metric])} (best {fmt(summary.get('best'))}{start}); "
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}{'' if n == 1 else 's'}"
+
+    return (f"done: {head}{count(summary['global_step'], 'step')}, {count(summary['epochs_done'], 'epoch')} in "
+            f"{summary['time_s']:.0f} s; every number in summary.json")
 
 
 def _run_folder_contents(path: Path) -> list[str]:

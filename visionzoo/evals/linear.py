@@ -41,12 +41,7 @@ def run(args) -> int:
     from ..tasks.linear_probe import linear_probe
 
     cfg = config_from_args(args)
-    res = linear_probe(cfg, resume=args.resume, device=args.device)
-    name = cfg.model or "model"
-    print(f"linear probe on {cfg.data} for {name}" + (f" from {cfg.checkpoint}" if cfg.checkpoint else
-                                                        " (random init)")
-          + f": token {res['token']} x {res['n_last_blocks']} block(s), {res['feature_dim']}-d, "
-            f"lr {res['lr']:.4g} = lr_base {cfg.lr_base:g} x batch {cfg.global_batch()}/{cfg.lr_base_size}, "
-            f"{cfg.epochs} epochs, augment {cfg.augment}")
-    print(f"  best top-1 {res['best_top1']:.2f}%, last top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}%")
+    print(f"linear probe on {cfg.data} for {cfg.model or 'model'}"
+          + (f" from {cfg.checkpoint}" if cfg.checkpoint else " (random init)"))
+    linear_probe(cfg, resume=args.resume, device=args.device)  # the engine's header gives the features and the lr
     return 0

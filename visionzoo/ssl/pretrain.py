@@ -70,12 +70,7 @@ def run(args) -> int:
     if args.resume is True and out is None:
         raise UserError("--resume alone continues the run folder named by --out (or --output): name it, or pass "
                         "--resume RUN.")
-    summary = pretrain(cfg, out, resume=args.resume or False, device=args.device, progress=args.progress)
-
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.2f}%"
-
-    print(f"UDI pretraining done: {summary.get('steps')} steps, {summary.get('epochs_done')} epochs.")
-    print(f"k-NN top-1: init {fmt(summary.get('knn_init'))} -> final {fmt(summary.get('knn_final'))}")
-    print("last/ and best/ hold the teacher backbone (the weights to evaluate and fine-tune)")
-    return 0
+    print(f"UDI pretraining of {cfg.model}: last/ and best/ of the run folder will hold the teacher backbone (the "
+          f"weights to evaluate and fine-tune)")
+    pretrain(cfg, out, resume=args.resume or False, device=args.device, progress=args.progress)
+    return 0  # the engine's last lines give the k-NN result and the run folder
